@@ -1,0 +1,217 @@
+"""Block-diffusion decoding exactly as ../shared/DECODING.md defines it, in one place.
+
+`BlockState` holds one request's rules (propose, commit, stop, accounting). Two drivers run it: `ReferenceDecoder`
+(batched, KV cache of finished blocks, one forward of the current block per step) and `oracle_decode` (no cache: the
+whole sequence recomputed every step under an explicit block-causal mask). Serving plugins reuse `BlockState` and the
+two rule functions; they never re-derive them.
+
+Choices where DECODING.md is silent (also in docs/decoding.md):
+- the commit forward of a finished block is a forward of its own (not fused), counted in `nfe`; the last block of a
+  request gets none;
+- the whole last block is denoised even when max_tokens ends inside it, then the output is cut;
+- an EOS that ends the output is part of it (as in vLLM's token ids), so it counts as an output token;
+- at T > 0 each request draws from its own torch.Generator seeded with its seed (default 0), candidates for the still
+  masked positions only, in position order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from blockdiff.masks import block_causal_mask
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    max_tokens: int
+    block_size: int = 32
+    threshold: float = 0.95
+    fallback_k: int = 1
+    temperature: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.fallback_k < 1:
+            raise ValueError(f"fallback_k must be >= 1, got {self.fallback_k}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]
+    finish_reason: str  # "stop" (EOS) or "length" (max_tokens)
+    denoise_forwards: int
+    nfe: int
+
+    @property
+    def tpf(self) -> float:
+        return len(self.tokens) / self.denoise_forwards
+
+
+def propose(logits: Tensor, mask_token_id: int, temperature: float, generator: torch.Generator | None
+            ) -> tuple[Tensor, Tensor]:
+    """Candidate token and its confidence for each row of logits [n, V] (rule 3). fp32; the mask token never wins."""
+    logits = logits.float().clone()
+    logits[:, mask_token_id] = float("-inf")
+    if temperature == 0:
+        candidate = logits.argmax(dim=-1)  # first maximum: lowest token id on ties
+        probs = torch.softmax(logits, dim=-1)
+    else:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        candidate = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return candidate, probs.gather(-1, candidate[:, None]).squeeze(-1)
+
+
+def select_commits(confidence: Tensor, threshold: float, fallback_k: int) -> Tensor:
+    """Which of the still-masked positions (given in position order) to commit this step (rule 4): every one with
+    confidence strictly above the threshold; if none, the `fallback_k` most confident (ties to the lowest position)."""
+    commit = confidence > threshold
+    if commit.any():
+        return commit
+    order = torch.sort(confidence, descending=True, stable=True).indices
+    commit[order[:fallback_k]] = True
+    return commit
+
+
+class BlockState:
+    """One request's progress: the tokens so far, the current block, the output and the accounting."""
+
+    def __init__(self, prompt: list[int], params: DecodeParams, mask_token_id: int, eos_token_ids: tuple[int, ...]):
+        if not prompt:
+            raise ValueError("prompt is empty: block diffusion needs at least one prompt token")
+        if mask_token_id in prompt:
+            raise ValueError(f"prompt contains the mask token id {mask_token_id} at position {prompt.index(mask_token_id)}")
+        self.params, self.mask_id, self.eos = params, mask_token_id, set(eos_token_ids)
+        self.prompt_len = len(prompt)
+        b = params.block_size
+        self.block_start = (len(prompt) // b) * b  # the prompt's full blocks are prefilled; the tail joins block 1
+        self.committed = list(prompt[: self.block_start])
+        tail = prompt[self.block_start:]
+        self.block = torch.tensor(tail + [mask_token_id] * (b - len(tail)), dtype=torch.long)
+        self.output: list[int] = []
+        self.finish_reason: str | None = None
+        self.denoise_forwards = 0
+        self.nfe = 0
+        self.generator = torch.Generator().manual_seed(params.seed) if params.temperature > 0 else None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def max_len(self) -> int:
+        """Positions this request can ever occupy: whole blocks up to the one holding the last allowed token."""
+        b = self.params.block_size
+        return -(-(self.prompt_len + self.params.max_tokens) // b) * b
+
+    def positions(self) -> Tensor:
+        return torch.arange(self.block_start, self.block_start + self.params.block_size)
+
+    def step(self, block_logits: Tensor) -> bool:
+        """Apply one denoising step from the current block's logits [B, V]. Returns True when the block is full."""
+        self.denoise_forwards += 1
+        self.nfe += 1
+        masked = (self.block == self.mask_id).nonzero().squeeze(-1)
+        candidate, confidence = propose(block_logits[masked], self.mask_id, self.params.temperature, self.generator)
+        chosen = select_commits(confidence, self.params.threshold, self.params.fallback_k)
+        self.block[masked[chosen]] = candidate[chosen]
+        return not bool((self.block == self.mask_id).any())
+
+    def finish_block(self) -> bool:
+        """Move a full block into the output and apply the stop rules (rule 6). Returns True if the request goes on,
+        in which case the caller must write the block's KV (commit forward) before the next step."""
+        block = self.block.tolist()
+        generated = block[max(self.prompt_len - self.block_start, 0):]
+        self.output += generated
+        cut = self.params.max_tokens
+        eos_at = next((i for i, t in enumerate(self.output) if t in self.eos), None)
+        if eos_at is not None and eos_at < cut:
+            self.output, self.finish_reason = self.output[: eos_at + 1], "stop"
+        elif len(self.output) >= cut:
+            self.output, self.finish_reason = self.output[:cut], "length"
+        if self.done:
+            return False
+        self.committed += block
+        return True
+
+    def next_block(self) -> None:
+        self.block_start += self.params.block_size
+        self.block = torch.full((self.params.block_size,), self.mask_id, dtype=torch.long)
+
+    def result(self) -> DecodeResult:
+        return DecodeResult(self.output, self.finish_reason, self.denoise_forwards, self.nfe)
+
+
+class ReferenceDecoder:
+    """Batched decoding with a KV cache of finished blocks. Each step is one forward of every active request's
+    current block (queries: B tokens; keys: the request's cached earlier blocks plus its current block)."""
+
+    def __init__(self, model: torch.nn.Module, mask_token_id: int, eos_token_ids: tuple[int, ...]) -> None:
+        self.model, self.mask_id, self.eos = model, mask_token_id, tuple(eos_token_ids)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: DecodeParams | list[DecodeParams]) -> list[DecodeResult]:
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} parameter sets")
+        states = [BlockState(p, q, self.mask_id, self.eos) for p, q in zip(prompts, params)]
+        cache = self.model.new_cache(len(states), max(s.max_len for s in states))
+        for row, s in enumerate(states):
+            if s.block_start:  # prefill the prompt's full blocks in one chunk
+                s.nfe += 1
+                ids = torch.tensor(s.committed)[None]
+                mask = block_causal_mask(s.block_start, s.params.block_size)[None]
+                self._forward([row], ids, torch.arange(s.block_start)[None], mask, cache, s.block_start)
+        while active := [row for row, s in enumerate(states) if not s.done]:
+            logits = self._block_forward(active, [states[r].block for r in active], states, cache)
+            full = [r for r, lg in zip(active, logits) if states[r].step(lg)]
+            going_on = [r for r in full if states[r].finish_block()]
+            if going_on:  # commit forward: the finished blocks' final KV
+                for r in going_on:
+                    states[r].nfe += 1
+                self._block_forward(going_on, [states[r].block for r in going_on], states, cache)
+                for r in going_on:
+                    states[r].next_block()
+        return [s.result() for s in states]
+
+    def _block_forward(self, rows: list[int], blocks: list[Tensor], states: list[BlockState], cache) -> Tensor:
+        starts = torch.tensor([states[r].block_start for r in rows])
+        size = states[rows[0]].params.block_size
+        if any(states[r].params.block_size != size for r in rows):
+            raise ValueError("requests decoded in one batch must share a block size")
+        positions = starts[:, None] + torch.arange(size)
+        kv_len = int(positions.max()) + 1
+        # a query sees every slot before the end of its own block: cached earlier blocks plus its whole block
+        mask = torch.arange(kv_len)[None, None, :] < (starts + size)[:, None, None]
+        mask = mask.expand(-1, size, -1)
+        return self._forward(rows, torch.stack(blocks), positions, mask, cache, kv_len)
+
+    def _forward(self, rows, ids, positions, mask, cache, kv_len) -> Tensor:
+        return self.model(ids, positions, mask, cache=cache, rows=torch.tensor(rows), kv_len=kv_len).float()
+
+
+@torch.no_grad()
+def oracle_decode(model: torch.nn.Module, prompt: list[int], params: DecodeParams, mask_token_id: int,
+                  eos_token_ids: tuple[int, ...]) -> DecodeResult:
+    """The same rules without any cache: every step recomputes prompt + finished blocks + current block under an
+    explicit block-causal mask. Slow and obviously right; the cached decoders are tested against it."""
+    s = BlockState(prompt, params, mask_token_id, tuple(eos_token_ids))
+    while True:
+        ids = torch.cat([torch.tensor(s.committed, dtype=torch.long), s.block])[None]
+        length = ids.shape[1]
+        mask = block_causal_mask(length, params.block_size)[None]
+        logits = model(ids, torch.arange(length)[None], mask).float()[0, -params.block_size:]
+        if s.step(logits):
+            if not s.finish_block():
+                return s.result()
+            s.next_block()
