@@ -1,0 +1,77 @@
+"""Assembling a block-diffusion training batch from clean token rows: noise, inputs, positions, attention mask.
+
+BDLM input is `cat([x_noisy, x_clean])` (2L tokens) with positions `cat([pos, pos])`; MDLM (a block as long as the
+sequence, the Stable phase) drops the clean half. The loss is taken on the noisy half only, against the clean token at
+the same position. Every stack's trainer builds its batches here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from blockdiff.masks import bdlm_block_mask, bdlm_mask, check_doc_ids, document_positions, mdlm_block_mask, mdlm_mask
+from blockdiff.noise import MaskBand, apply_mask, complementary_mask, draw_mask, per_token_t
+
+
+@dataclass(frozen=True)
+class DiffusionBatch:
+    input_ids: Tensor  # [b, 2L] for bdlm, [b, L] for mdlm
+    positions: Tensor  # same shape as input_ids
+    doc_ids: Tensor  # [b, L]
+    targets: Tensor  # [b, L]: the clean tokens
+    masked: Tensor  # [b, L] bool: which noisy-half tokens are the mask token
+    maskable: Tensor  # [b, L] bool: tokens that may be masked (not prompt, not outside the loss)
+    t_tok: Tensor  # [b, L]: mask ratio of each token's sequence or block
+    block_size: int
+    objective: str  # "bdlm" or "mdlm"
+    mask_token_id: int
+
+    @property
+    def noisy_len(self) -> int:
+        return self.targets.shape[1]
+
+    def attention_mask(self, flex: bool = False) -> Tensor | BlockMask:
+        if self.objective == "mdlm":
+            return mdlm_block_mask(self.doc_ids) if flex else mdlm_mask(self.doc_ids)
+        return bdlm_block_mask(self.doc_ids, self.block_size) if flex else bdlm_mask(self.doc_ids, self.block_size)
+
+    def complement(self) -> "DiffusionBatch":
+        """The complementary sample (LLaDA2.0 SFT): every maskable token masked in exactly one of the pair; the
+        complement's ratio is 1 - t (floored so a fully masked original leaves a finite, unused weight)."""
+        masked = complementary_mask(self.masked, self.maskable)
+        noisy = apply_mask(self.targets, masked, self.mask_token_id)
+        input_ids = noisy if self.objective == "mdlm" else torch.cat([noisy, self.targets], dim=1)
+        return replace(self, input_ids=input_ids, masked=masked, t_tok=(1.0 - self.t_tok).clamp(min=1e-3))
+
+
+def make_diffusion_batch(input_ids: Tensor, doc_ids: Tensor, block_size: int, objective: str, mask_token_id: int,
+                         band: MaskBand, generator: torch.Generator | None = None, maskable: Tensor | None = None,
+                         per_block_t: bool = False) -> DiffusionBatch:
+    """Noise clean rows `input_ids` [b, L]. `maskable` defaults to every token (pretraining); SFT passes the response
+    positions so the prompt is never masked. `per_block_t` draws one ratio per block instead of per sequence."""
+    if objective not in ("bdlm", "mdlm"):
+        raise ValueError(f"objective must be 'bdlm' or 'mdlm', got {objective!r}")
+    if input_ids.shape != doc_ids.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and doc_ids {tuple(doc_ids.shape)} differ in shape")
+    check_doc_ids(doc_ids)
+    b, length = input_ids.shape
+    if block_size < 1 or length % block_size:
+        raise ValueError(f"sequence length {length} is not divisible by block_size {block_size}")
+    if (input_ids == mask_token_id).any():
+        raise ValueError(f"clean input contains the mask token id {mask_token_id}")
+    maskable = torch.ones_like(input_ids, dtype=torch.bool) if maskable is None else maskable
+    t = band.sample((b, length // block_size) if per_block_t else (b,), generator)
+    t_tok = per_token_t(t, length, block_size)
+    masked = draw_mask(t_tok, maskable, generator)
+    noisy = apply_mask(input_ids, masked, mask_token_id)
+    pos = document_positions(doc_ids)
+    if objective == "mdlm":
+        ids, positions = noisy, pos
+    else:
+        ids, positions = torch.cat([noisy, input_ids], dim=1), torch.cat([pos, pos], dim=1)
+    return DiffusionBatch(ids, positions, doc_ids, input_ids, masked, maskable, t_tok, block_size, objective,
+                          mask_token_id)
