@@ -61,9 +61,10 @@ RECIPES: dict[str, list[tuple[str, ...]]] = {
         ("project", "test,data"),
     ],
     "nemo": [
-        # Why each pin (measured): without [llm] the `llm` namespace fails to import; nemo_run 0.11 breaks on leptonai
+        # Why each pin (measured): `nemo` (the CLI) comes from nemo-run, not nemo-toolkit; without [llm] the `llm` namespace fails to import; nemo_run 0.11 breaks on leptonai
         # 0.47; the [llm] extra pins numpy<2 and pyarrow>=20 then fails to import against it.
-        ("pip", TORCH, "nemo-toolkit[llm]==2.7.3", "megatron-core==0.16.1", "leptonai==0.27.3", "pyarrow<20"),
+        ("pip", TORCH, "nemo-toolkit[llm]==2.7.3", "nemo-run==0.11.1", "megatron-core==0.16.1", "leptonai==0.27.3",
+                "pyarrow<20"),
         ("project", "test,data"),
     ],
 }
@@ -160,14 +161,29 @@ FIXES = {
 }
 
 
-def _recipe_hash(name: str) -> str:
-    """What the env's content depends on: its steps, the fixes' code and the project's declared dependencies."""
+def _declared_dependencies(extras: str) -> list[str]:
+    """The project's dependencies plus those of `extras`, as pyproject.toml declares them."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = list(project["dependencies"])
+    for extra in extras.split(","):
+        deps += project["optional-dependencies"][extra]
+    return deps
+
+
+def _stamp(name: str) -> dict[str, str]:
+    """What an env depends on. `recipe`: its steps, the fixes' code and the dependencies it installs (a change means a
+    rebuild). `project`: all of pyproject.toml (entry points, packages), and `checkout`: where the project lives (a
+    change of either only re-links the editable install)."""
     h = hashlib.sha256(json.dumps(RECIPES[name]).encode())
-    for step in RECIPES[name]:
-        if step[0] == "fix":
-            h.update(FIXES[step[1]].__code__.co_code)
-    h.update((ROOT / "pyproject.toml").read_bytes())
-    return h.hexdigest()[:16]
+    for kind, *args in RECIPES[name]:
+        if kind == "fix":
+            h.update(FIXES[args[0]].__code__.co_code)
+        elif kind == "project":
+            h.update(json.dumps(_declared_dependencies(args[0])).encode())
+    project = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    return {"recipe": h.hexdigest()[:16], "project": project, "checkout": str(ROOT)}
 
 
 def ensure(name: str) -> Path:
@@ -176,7 +192,7 @@ def ensure(name: str) -> Path:
         raise SystemExit(f"envs: unknown env {name!r}; known: {', '.join(RECIPES)}")
     vdir, py = venv_dir(name), venv_python(name)
     stamp = vdir / "blockdiff-stamp.json"
-    want = {"recipe": _recipe_hash(name), "checkout": str(ROOT)}
+    want = _stamp(name)
     have = json.loads(stamp.read_text()) if stamp.exists() else {}
     if have == want:
         return py
@@ -200,11 +216,10 @@ def ensure(name: str) -> Path:
                 FIXES[args[0]](py, log)
             elif kind == "project":
                 _pip(py, ["-e", f"{ROOT}[{args[0]}]"], log)
-    else:  # same recipe, another checkout: only the editable link moves
+    else:  # same dependencies: only the editable install (entry points, location) and the shim link move
         _pip(py, ["--no-deps", "-e", str(ROOT)], log)
-        for kind, *args in RECIPES[name]:
-            if kind == "fix" and args[0] == "sgl_kernel_shim":
-                fix_sgl_kernel_shim(py, log)
+        if ("fix", "sgl_kernel_shim") in RECIPES[name]:
+            fix_sgl_kernel_shim(py, log)
     torch_version = subprocess.check_output([str(py), "-c", "import torch; print(torch.__version__)"]).decode().strip()
     if not torch_version.startswith("2.13.0"):
         raise SystemExit(f"envs: venv {name!r} ended up with torch {torch_version}, not 2.13.0")

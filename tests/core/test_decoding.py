@@ -1,0 +1,143 @@
+"""The reference decoder against ../shared/DECODING.md: rule by rule, and the cached batched decoder token for token
+against the no-cache oracle."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blockdiff.decoding import BlockState, DecodeParams, ReferenceDecoder, oracle_decode, propose, select_commits
+from blockdiff.models import build_model, init_weights, tiny_dense_config
+
+VOCAB, MASK = 64, 63
+NO_EOS = (62,)  # a token the prompts never contain; see `eos_inside_a_block` for a real EOS
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # a large init spreads confidences over (0, 1) so thresholds, fallbacks and ties all occur
+    return init_weights(build_model(tiny_dense_config(vocab_size=VOCAB, num_hidden_layers=2)), 0, std=0.25).eval()
+
+
+def prompts_strategy(max_len=40):
+    return st.lists(st.integers(0, 61), min_size=1, max_size=max_len)
+
+
+params_strategy = st.builds(DecodeParams, max_tokens=st.integers(1, 40), block_size=st.sampled_from([1, 2, 4, 8, 32]),
+                            threshold=st.sampled_from([0.0, 0.05, 0.2, 0.5, 0.95, 1.0]),
+                            fallback_k=st.sampled_from([1, 2, 3]))
+
+
+def same(a, b):
+    return (a.tokens, a.finish_reason, a.denoise_forwards) == (b.tokens, b.finish_reason, b.denoise_forwards)
+
+
+@given(prompt=prompts_strategy(), params=params_strategy)
+def test_cached_decoder_equals_oracle(model, prompt, params):
+    got = ReferenceDecoder(model, MASK, NO_EOS).generate([prompt], params)[0]
+    want = oracle_decode(model, prompt, params, MASK, NO_EOS)
+    assert same(got, want)
+
+
+@given(prompts=st.lists(prompts_strategy(), min_size=2, max_size=6), params=params_strategy)
+def test_batched_decoder_equals_single_requests_and_oracle(model, prompts, params):
+    decoder = ReferenceDecoder(model, MASK, NO_EOS)
+    batched = decoder.generate(prompts, params)
+    for prompt, got in zip(prompts, batched):
+        assert same(got, decoder.generate([prompt], params)[0])
+        assert same(got, oracle_decode(model, prompt, params, MASK, NO_EOS))
+
+
+def test_batch_with_mixed_max_tokens_and_thresholds(model):
+    decoder = ReferenceDecoder(model, MASK, NO_EOS)
+    prompts = [[1, 2, 3], list(range(20)), [7] * 33]
+    params = [DecodeParams(5, 8, 0.9), DecodeParams(30, 8, 0.1), DecodeParams(17, 8, 0.5, fallback_k=2)]
+    for prompt, p, got in zip(prompts, params, decoder.generate(prompts, params)):
+        assert same(got, oracle_decode(model, prompt, p, MASK, NO_EOS))
+        assert len(got.tokens) == p.max_tokens and got.finish_reason == "length"
+
+
+@pytest.mark.parametrize("block", [4, 8])
+def test_eos_inside_a_block_ends_the_output_there(model, block):
+    prompt = [5, 9, 11, 3, 17]
+    params = DecodeParams(max_tokens=24, block_size=block, threshold=0.3)
+    free = ReferenceDecoder(model, MASK, NO_EOS).generate([prompt], params)[0]
+    # make a token that the model really emits mid-block the EOS: output must stop right after its first occurrence
+    cut = next(i for i, t in enumerate(free.tokens) if i >= block and (i + len(prompt)) % block not in (0, block - 1))
+    eos = free.tokens[cut]
+    first = free.tokens.index(eos)
+    got = ReferenceDecoder(model, MASK, (eos,)).generate([prompt], params)[0]
+    assert got.tokens == free.tokens[: first + 1] and got.finish_reason == "stop"
+    assert same(got, oracle_decode(model, prompt, params, MASK, (eos,)))
+    assert got.denoise_forwards < free.denoise_forwards  # the rest of the output was never decoded
+
+
+def test_accounting(model):
+    """nfe = prefill chunk + denoising steps + one commit forward per finished block but the last; tpf from those."""
+    params = DecodeParams(max_tokens=20, block_size=8, threshold=0.5)
+    prompt = list(range(19))  # 2 full blocks prefilled, 3 tail tokens join the first generated block
+    r = ReferenceDecoder(model, MASK, NO_EOS).generate([prompt], params)[0]
+    blocks = -(-(19 + 20) // 8) - 2  # blocks decoded: positions 16..39
+    assert r.nfe == 1 + r.denoise_forwards + (blocks - 1)
+    assert r.tpf == pytest.approx(20 / r.denoise_forwards)
+    assert blocks <= r.denoise_forwards <= 21  # at most one step per masked position
+
+
+def test_threshold_zero_fills_a_block_per_step_and_threshold_one_uses_fallback(model):
+    prompt = [4, 4, 4, 4]
+    all_at_once = ReferenceDecoder(model, MASK, NO_EOS).generate([prompt], DecodeParams(12, 4, 0.0))[0]
+    assert all_at_once.denoise_forwards == 3  # the prompt fills block 0; each of 3 blocks takes one step
+    k2 = ReferenceDecoder(model, MASK, NO_EOS).generate([prompt], DecodeParams(12, 4, 1.0, fallback_k=2))[0]
+    assert k2.denoise_forwards == 6  # two tokens a step
+
+
+def test_sampling_is_reproducible_by_seed_and_batch_invariant(model):
+    decoder = ReferenceDecoder(model, MASK, NO_EOS)
+    p = [DecodeParams(16, 4, 0.9, temperature=1.0, seed=s) for s in (1, 1, 2)]
+    out = decoder.generate([[3, 4, 5]] * 3, p)
+    assert out[0].tokens == out[1].tokens != out[2].tokens
+    assert decoder.generate([[3, 4, 5]], p[2])[0].tokens == out[2].tokens
+
+
+def test_select_commits_is_strictly_above_threshold():
+    conf = torch.tensor([0.95, 0.96, 0.2])
+    assert select_commits(conf, 0.95, 1).tolist() == [False, True, False]
+
+
+def test_fallback_takes_the_k_most_confident_ties_to_lowest_position():
+    conf = torch.tensor([0.3, 0.5, 0.5, 0.1, 0.5])
+    assert select_commits(conf, 0.9, 1).tolist() == [False, True, False, False, False]
+    assert select_commits(conf, 0.9, 2).tolist() == [False, True, True, False, False]
+    assert select_commits(conf, 0.9, 9).tolist() == [True] * 5
+
+
+def test_propose_breaks_ties_to_the_lowest_id_and_never_proposes_the_mask():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 9.0]])
+    cand, conf = propose(logits, mask_token_id=3, temperature=0.0, generator=None)
+    assert cand.tolist() == [1]
+    assert conf.item() == pytest.approx(torch.e ** 3 / (torch.e + 2 * torch.e ** 3), rel=1e-6)
+
+
+def test_prompt_tail_is_kept_and_not_part_of_the_output(model):
+    prompt = [1, 2, 3, 4, 5]
+    s = BlockState(prompt, DecodeParams(3, 4), MASK, NO_EOS)
+    assert s.committed == [1, 2, 3, 4] and s.block.tolist() == [5, MASK, MASK, MASK]
+    r = ReferenceDecoder(model, MASK, NO_EOS).generate([prompt], DecodeParams(3, 4, 0.0))[0]
+    assert len(r.tokens) == 3 and r.denoise_forwards == 1
+
+
+@pytest.mark.parametrize("prompt,match", [([], "prompt is empty"), ([1, MASK, 2], f"mask token id {MASK} at position 1")])
+def test_bad_prompts_are_rejected(prompt, match):
+    with pytest.raises(ValueError, match=match):
+        BlockState(prompt, DecodeParams(4), MASK, NO_EOS)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(max_tokens=0), "max_tokens must be >= 1, got 0"),
+                                          (dict(max_tokens=4, block_size=0), "block_size"),
+                                          (dict(max_tokens=4, threshold=1.5), "threshold must be in \\[0, 1\\], got 1.5"),
+                                          (dict(max_tokens=4, fallback_k=0), "fallback_k"),
+                                          (dict(max_tokens=4, temperature=-1.0), "temperature")])
+def test_bad_params_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DecodeParams(**kwargs)

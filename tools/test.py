@@ -1,0 +1,62 @@
+"""Run the whole test suite: each stack's tests in that stack's own venv (built first if needed).
+
+    python3 tools/test.py              # every suite
+    python3 tools/test.py core vllm    # some suites; extra pytest arguments after --
+
+Suites are the folders under tests/: tests/core runs in the core venv, tests/vllm in the vllm venv, and so on. The last
+line sums all suites up as "N passed, N failed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import envs  # noqa: E402
+
+SUITES = {name: envs.ROOT / "tests" / name for name in envs.RECIPES}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suites", nargs="*", help=f"any of: {', '.join(SUITES)} (default: all that exist)")
+    args, pytest_args = parser.parse_known_args()
+    if pytest_args and pytest_args[0] == "--":
+        pytest_args = pytest_args[1:]
+    names = args.suites or [n for n, d in SUITES.items() if d.is_dir()]
+    for n in names:
+        if n not in SUITES or not SUITES[n].is_dir():
+            raise SystemExit(f"test: no suite {n!r}; suites: {', '.join(n for n, d in SUITES.items() if d.is_dir())}")
+    totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+    failed_suites = []
+    for name in names:
+        py = envs.ensure(name)
+        print(f"\n===== suite {name} ({py}) =====", flush=True)
+        start = time.time()
+        proc = subprocess.run([str(py), "-m", "pytest", str(SUITES[name]), *pytest_args], cwd=envs.ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sys.stdout.write(proc.stdout)
+        summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+        counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+        for count, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary):
+            counts["error" if word.startswith("error") else word] += int(count)
+        if proc.returncode != 0:  # includes pytest's exit 5, "no tests ran": a suite that tests nothing fails
+            failed_suites.append(name)
+            counts["error"] = max(counts["error"], 1 - counts["failed"])
+        for key, value in counts.items():
+            totals[key] += value
+        print(f"===== suite {name}: exit {proc.returncode} in {time.time() - start:.0f} s =====", flush=True)
+    failed = totals["failed"] + totals["error"]
+    if failed_suites:
+        print(f"\nfailing suites: {', '.join(failed_suites)}")
+    print(f"\n{totals['passed']} passed, {failed} failed, {totals['skipped']} skipped")
+    return 1 if failed_suites else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
