@@ -25,9 +25,9 @@ SUITES = {name: envs.ROOT / "tests" / name for name in envs.RECIPES}
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suites", nargs="*", help=f"any of: {', '.join(SUITES)} (default: all that exist)")
-    args, pytest_args = parser.parse_known_args()
-    if pytest_args and pytest_args[0] == "--":
-        pytest_args = pytest_args[1:]
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, pytest_args = parser.parse_args(argv[:split]), argv[split + 1:]
     names = args.suites or [n for n, d in SUITES.items() if d.is_dir()]
     for n in names:
         if n not in SUITES or not SUITES[n].is_dir():
@@ -38,7 +38,9 @@ def main() -> int:
         py = envs.ensure(name)
         print(f"\n===== suite {name} ({py}) =====", flush=True)
         start = time.time()
-        proc = subprocess.run([str(py), "-m", "pytest", str(SUITES[name]), *pytest_args], cwd=envs.ROOT,
+        names_paths = any((envs.ROOT / a.split("::")[0]).exists() for a in pytest_args if not a.startswith("-"))
+        suite = [] if names_paths else [str(SUITES[name])]
+        proc = subprocess.run([str(py), "-m", "pytest", *suite, *pytest_args], cwd=envs.ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         sys.stdout.write(proc.stdout)
         summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""

@@ -36,8 +36,9 @@ def build_data(out: Path, vocab: int, seq_len: int) -> tuple[Path, torch.Tensor,
         save_tokenizer(train_tokenizer([d.text for d in docs], vocab), tok_dir, model_max_length=4096)
     tok = load_tokenizer(tok_dir)
     eos = special_id(tok, EOS)
-    train = [e.ids for e, d in zip(tok.encode_batch([d.text for d in docs]), docs) if not d.is_validation]
-    val = [e.ids for e, d in zip(tok.encode_batch([d.text for d in docs]), docs) if d.is_validation]
+    encoded = tok.encode_batch([d.text for d in docs])
+    train = [e.ids for e, d in zip(encoded, docs) if not d.is_validation]
+    val = [e.ids for e, d in zip(encoded, docs) if d.is_validation]
     ids, doc_ids = pack_documents(train, seq_len, eos)
     val_ids, val_doc = pack_documents(val, seq_len, eos)
     return tok_dir, ids, doc_ids, val_ids[:32], val_doc[:32]

@@ -1,0 +1,29 @@
+"""The main job end to end at its quick scale: data, AR base, WSD conversion, HumanEval decoding."""
+
+import json
+
+import pytest
+
+from blockdiff import demo
+from blockdiff.data import load_tokenizer
+from blockdiff.models import BlockDiffusionSettings, load_model, read_config
+
+
+@pytest.mark.slow
+def test_quick_demo_produces_loadable_models_and_a_decoding_record(tmp_path, capsys):
+    demo.main(["--out", str(tmp_path), "--scale", "quick"])
+    printed = capsys.readouterr().out
+    assert "TPF at threshold 0.95, block 32:" in printed
+    record = json.loads((tmp_path / "decode.json").read_text())
+    results = record["requests"]
+    assert len(results) == demo.SCALES["quick"]["prompts"]
+    for r in results:
+        assert len(r["tokens"]) == demo.SCALES["quick"]["max_tokens"] or r["finish_reason"] == "stop"
+        assert r["tpf"] == pytest.approx(len(r["tokens"]) / r["denoise_forwards"])
+    assert record["summary"]["tpf"] >= 1.0
+    for name in ("ar-base", "dllm"):
+        load_model(tmp_path / name)
+        assert load_tokenizer(tmp_path / name).get_vocab_size() == demo.SCALES["quick"]["vocab"]
+    settings = BlockDiffusionSettings.from_config(read_config(tmp_path / "dllm"))
+    assert settings.block_size == 32 and settings.threshold == 0.95
+    assert "block_diffusion" not in read_config(tmp_path / "ar-base")

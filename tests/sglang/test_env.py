@@ -1,0 +1,101 @@
+"""The sglang venv as tools/envs.py builds it: SGLang's own server runs on this CPU (torch native backend, the test-only
+sgl_kernel shim, the torchvision fix) and serves a tiny model made by the core with the same greedy tokens."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+from blockdiff.data import save_tokenizer, train_tokenizer
+from blockdiff.models import build_model, init_weights, save_model, tiny_dense_config
+
+CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
+CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
+             "--dtype", "float32", "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill",
+             "disabled", "--skip-server-warmup", "--host", "127.0.0.1"]
+
+
+def test_torch_is_the_pinned_cpu_build_and_torchvision_imports():
+    import torchvision  # noqa: F401  (fails with "operator torchvision::nms does not exist" without the fix)
+
+    assert torch.__version__.startswith("2.13.0")
+
+
+def test_sgl_kernel_is_the_raising_shim():
+    import sgl_kernel
+
+    assert "cpu_shims" in sgl_kernel.__file__
+    with pytest.raises(sgl_kernel.KernelNotAvailable, match="sgl_kernel.silu_and_mul was called"):
+        sgl_kernel.silu_and_mul(torch.zeros(2))
+
+
+def test_plugin_entry_point_is_declared():
+    eps = {e.name: e.value for e in entry_points(group="sglang.srt.plugins")}
+    assert eps.get("blockdiff") == "sglang_blockdiff:register"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_ar_server(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-ar")
+    tok = train_tokenizer(["def f(x):\n    return x + 1\n" * 50, "class A:\n    pass\n" * 50], 300)
+    save_tokenizer(tok, path, model_max_length=512)
+    cfg = tiny_dense_config(vocab_size=tok.get_vocab_size(), num_hidden_layers=2, eos_token_id=0, pad_token_id=0)
+    model = init_weights(build_model(cfg), 0, std=0.2)
+    save_model(model, cfg, path)
+    port = _free_port()
+    log = open(path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", "--model-path", str(path), "--port",
+                             str(port), "--context-length", "256", *CPU_FLAGS], env={**os.environ, **CPU_ENV},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sglang server exited {proc.returncode}:\n{(path / 'server.log').read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"sglang server not up in 300 s:\n{(path / 'server.log').read_text()[-3000:]}")
+                time.sleep(1)
+        yield url, model
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.mark.slow
+def test_sglang_server_greedy_decoding_matches_the_core_model(tiny_ar_server):
+    url, model = tiny_ar_server
+    prompt = [5, 17, 42, 99, 3, 8]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            n = len(ids)
+            logits = model(torch.tensor([ids]), torch.arange(n)[None], torch.ones(n, n, dtype=torch.bool).tril()[None])
+            ids.append(int(logits[0, -1].argmax()))
+    body = json.dumps({"input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 12,
+                                                                 "ignore_eos": True}}).encode()
+    req = urllib.request.Request(url + "/generate", body, {"Content-Type": "application/json"})
+    out = json.loads(urllib.request.urlopen(req, timeout=120).read())
+    assert out["output_ids"] == ids[len(prompt):]
