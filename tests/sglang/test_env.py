@@ -14,8 +14,7 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 
-from blockdiff.data import save_tokenizer, train_tokenizer
-from blockdiff.models import build_model, init_weights, save_model, tiny_dense_config
+from tiny_models import greedy_ar, make_tiny_ar_model
 
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
 CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
@@ -51,11 +50,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def tiny_ar_server(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-ar")
-    tok = train_tokenizer(["def f(x):\n    return x + 1\n" * 50, "class A:\n    pass\n" * 50], 300)
-    save_tokenizer(tok, path, model_max_length=512)
-    cfg = tiny_dense_config(vocab_size=tok.get_vocab_size(), num_hidden_layers=2, eos_token_id=0, pad_token_id=0)
-    model = init_weights(build_model(cfg), 0, std=0.2)
-    save_model(model, cfg, path)
+    model = make_tiny_ar_model(path)
     port = _free_port()
     log = open(path / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", "--model-path", str(path), "--port",
@@ -88,14 +83,9 @@ def tiny_ar_server(tmp_path_factory):
 def test_sglang_server_greedy_decoding_matches_the_core_model(tiny_ar_server):
     url, model = tiny_ar_server
     prompt = [5, 17, 42, 99, 3, 8]
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(12):
-            n = len(ids)
-            logits = model(torch.tensor([ids]), torch.arange(n)[None], torch.ones(n, n, dtype=torch.bool).tril()[None])
-            ids.append(int(logits[0, -1].argmax()))
+    expected = greedy_ar(model, prompt, 12)
     body = json.dumps({"input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 12,
                                                                  "ignore_eos": True}}).encode()
     req = urllib.request.Request(url + "/generate", body, {"Content-Type": "application/json"})
     out = json.loads(urllib.request.urlopen(req, timeout=120).read())
-    assert out["output_ids"] == ids[len(prompt):]
+    assert out["output_ids"] == expected

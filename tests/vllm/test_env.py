@@ -11,8 +11,7 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 
-from blockdiff.models import build_model, init_weights, save_model, tiny_dense_config
-from blockdiff.data import save_tokenizer, train_tokenizer
+from tiny_models import greedy_ar, make_tiny_ar_model
 
 
 def test_torch_is_the_pinned_cpu_build():
@@ -35,11 +34,7 @@ def test_vllm_loads_this_projects_general_plugin():
 @pytest.fixture(scope="module")
 def tiny_ar_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-ar")
-    tok = train_tokenizer(["def f(x):\n    return x + 1\n" * 50, "class A:\n    pass\n" * 50], 300)
-    save_tokenizer(tok, path, model_max_length=512)
-    cfg = tiny_dense_config(vocab_size=tok.get_vocab_size(), num_hidden_layers=2, eos_token_id=0, pad_token_id=0)
-    model = init_weights(build_model(cfg), 0, std=0.2)
-    save_model(model, cfg, path)
+    model = make_tiny_ar_model(path)
     return path, model
 
 
@@ -48,12 +43,7 @@ def test_vllm_greedy_decoding_matches_the_core_model(tiny_ar_model):
     """vLLM's own Qwen3 on CPU and the core's reference implementation agree on greedy AR tokens for the same weights."""
     path, model = tiny_ar_model
     prompt = [5, 17, 42, 99, 3, 8]
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(12):
-            n = len(ids)
-            logits = model(torch.tensor([ids]), torch.arange(n)[None], torch.ones(n, n, dtype=torch.bool).tril()[None])
-            ids.append(int(logits[0, -1].argmax()))
+    expected = greedy_ar(model, prompt, 12)
     script = textwrap.dedent(f"""
         import json
         from vllm import LLM, SamplingParams
@@ -67,4 +57,4 @@ def test_vllm_greedy_decoding_matches_the_core_model(tiny_ar_model):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("TOKENS"))
-    assert json.loads(line[len("TOKENS "):]) == ids[len(prompt):]
+    assert json.loads(line[len("TOKENS "):]) == expected
