@@ -22,9 +22,10 @@ from blockdiff.models import BlockDiffusionSettings, build_model, init_weights, 
 from blockdiff.schedules import WSDSchedule
 from blockdiff.train import OptimConfig, masked_token_accuracy, train_ar, train_wsd
 
-# name -> (vocab, AR steps, WSD tokens per phase as multiples of a step, batch, prompts decoded)
+# phase_steps: each WSD phase's token budget in training steps (Stable gets twice that). max_tokens: the most tokens
+# generated per prompt; each request stops at the block boundary at or below it, so no block is cut.
 SCALES = {
-    "default": dict(vocab=2048, seq_len=256, ar_steps=500, phase_steps=40, batch=8, prompts=8, max_tokens=64),
+    "default": dict(vocab=2048, seq_len=256, ar_steps=400, phase_steps=30, batch=8, prompts=8, max_tokens=64),
     "quick": dict(vocab=512, seq_len=64, ar_steps=30, phase_steps=3, batch=4, prompts=2, max_tokens=16),
 }
 
@@ -42,6 +43,13 @@ def build_data(out: Path, vocab: int, seq_len: int) -> tuple[Path, torch.Tensor,
     ids, doc_ids = pack_documents(train, seq_len, eos)
     val_ids, val_doc = pack_documents(val, seq_len, eos)
     return tok_dir, ids, doc_ids, val_ids[:32], val_doc[:32]
+
+
+def block_aligned_budget(prompt_len: int, max_tokens: int, block_size: int) -> int:
+    """The largest output length <= max_tokens that ends on a block boundary (at least one token), so that TPF is not
+    diluted by a last block whose tail is decoded and then cut."""
+    budget = max_tokens - (prompt_len + max_tokens) % block_size
+    return budget if budget >= 1 else max_tokens
 
 
 def copy_tokenizer(tok_dir: Path, model_dir: Path) -> None:
@@ -98,9 +106,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{settings.threshold}, reference decoder with KV cache", flush=True)
     model, _ = load_model(dllm_dir)
     decoder = ReferenceDecoder(model, mask_id, (eos,))
-    params = DecodeParams(max_tokens=s["max_tokens"], block_size=settings.block_size, threshold=settings.threshold)
-    budget = s["seq_len"] - s["max_tokens"] - settings.block_size
+    budget = s["seq_len"] - s["max_tokens"]  # the model was trained on rows of seq_len: keep prompt + output inside
     prompts = [tok.encode(p).ids[-budget:] for p in humaneval_prompts()[: s["prompts"]]]
+    params = [DecodeParams(max_tokens=block_aligned_budget(len(p), s["max_tokens"], settings.block_size),
+                           block_size=settings.block_size, threshold=settings.threshold) for p in prompts]
     t0 = time.time()
     results = decoder.generate(prompts, params)
     wall = time.time() - t0
@@ -109,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         text = tok.decode(r.tokens)
         print(f"\n--- HumanEval/{i}: {len(r.tokens)} tokens, {r.denoise_forwards} denoising forwards, "
               f"TPF {r.tpf:.2f}, finish {r.finish_reason}\n{tok.decode(prompt[-120:])}\033[1m{text}\033[0m")
-        report.append(dict(task=i, tokens=r.tokens, finish_reason=r.finish_reason,
+        report.append(dict(task=i, prompt_tokens=len(prompt), max_tokens=params[i].max_tokens, tokens=r.tokens, finish_reason=r.finish_reason,
                            denoise_forwards=r.denoise_forwards, nfe=r.nfe, tpf=r.tpf))
     out_tokens = sum(len(r.tokens) for r in results)
     tpf = out_tokens / sum(r.denoise_forwards for r in results)

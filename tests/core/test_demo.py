@@ -18,7 +18,8 @@ def test_quick_demo_produces_loadable_models_and_a_decoding_record(tmp_path, cap
     results = record["requests"]
     assert len(results) == demo.SCALES["quick"]["prompts"]
     for r in results:
-        assert len(r["tokens"]) == demo.SCALES["quick"]["max_tokens"] or r["finish_reason"] == "stop"
+        assert len(r["tokens"]) == r["max_tokens"] or r["finish_reason"] == "stop"
+        assert r["max_tokens"] <= demo.SCALES["quick"]["max_tokens"]
         assert r["tpf"] == pytest.approx(len(r["tokens"]) / r["denoise_forwards"])
     assert record["summary"]["tpf"] >= 1.0
     for name in ("ar-base", "dllm"):
@@ -27,3 +28,9 @@ def test_quick_demo_produces_loadable_models_and_a_decoding_record(tmp_path, cap
     settings = BlockDiffusionSettings.from_config(read_config(tmp_path / "dllm"))
     assert settings.block_size == 32 and settings.threshold == 0.95
     assert "block_diffusion" not in read_config(tmp_path / "ar-base")
+
+
+def test_block_aligned_budget():
+    assert demo.block_aligned_budget(10, 64, 32) == 54  # 10 + 54 = 64
+    assert demo.block_aligned_budget(32, 64, 32) == 64
+    assert demo.block_aligned_budget(40, 16, 32) == 16  # no boundary within reach: the plain budget
