@@ -1,0 +1,161 @@
+"""A Hugging Face dense decoder (Qwen3 / Llama) as a megatron-core GPTModel, weights in and out by name mapping, and
+the forward that block-diffusion training needs.
+
+GPTModel's own forward numbers RoPE positions 0..S-1 over the input, but the `[x_noisy, x_clean]` input reuses
+positions 0..L-1 for both halves and packed documents restart them. So `forward` runs GPTModel's own submodules
+(embedding, decoder, output layer) with rotary embeddings computed from explicit position ids, and an arbitrary
+attention mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from blockdiff.models import DenseConfig
+
+
+def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1):
+    """An fp32 GPTModel with megatron-core's local (non-Transformer-Engine) layers and an arbitrary attention mask.
+    Parallel state must be initialised."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg = DenseConfig.from_hf(hf_config)
+    config = TransformerConfig(
+        num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_key_value_heads, kv_channels=cfg.head_dim, ffn_hidden_size=cfg.intermediate_size,
+        normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps, qk_layernorm=cfg.qk_norm,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False,
+        hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp_size,
+        use_cpu_initialization=True, params_dtype=torch.float32, bias_activation_fusion=False,
+        masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+    )
+    spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_norm, normalization="RMSNorm")
+    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    return GPTModel(config, spec, vocab_size=cfg.vocab_size,
+                    max_sequence_length=hf_config.get("max_position_embeddings", 4096),
+                    parallel_output=False, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+                    position_embedding_type="rope", rotary_base=int(cfg.rope_theta))
+
+
+def _rope(model, position_ids: Tensor) -> Tensor:
+    """Rotary angles [s, b, 1, head_dim] for explicit position ids [b, s] (rotate-half layout, as HF and Megatron)."""
+    inv_freq = model.rotary_pos_emb.inv_freq.to(position_ids.device)
+    freqs = position_ids.transpose(0, 1).float()[..., None] * inv_freq
+    return torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+
+
+def embed(model, input_ids: Tensor) -> Tensor:
+    """Token embeddings [s, b, h] (Megatron's sequence-first layout)."""
+    return model.embedding(input_ids=input_ids, position_ids=None)
+
+
+def forward(model, input_ids: Tensor | None, position_ids: Tensor, allowed: Tensor,
+            embeddings: Tensor | None = None) -> Tensor:
+    """Logits [b, s, vocab] (gathered over tensor-parallel ranks). `allowed` is the core's boolean mask
+    [b, s, s] with True = may attend; Megatron's convention is the opposite."""
+    hidden = embed(model, input_ids) if embeddings is None else embeddings
+    hidden = model.decoder(hidden_states=hidden, attention_mask=~allowed[:, None], rotary_pos_emb=_rope(model, position_ids))
+    logits, _ = model.output_layer(hidden, weight=model.shared_embedding_or_output_weight()
+                                   if model.share_embeddings_and_output_weights else None)
+    return logits.transpose(0, 1).float()
+
+
+def _qkv_rows(cfg: DenseConfig, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Megatron's fused QKV weight: per query group, that group's query heads, then its key, then its value."""
+    d, groups = cfg.head_dim, cfg.num_key_value_heads
+    per_group = cfg.num_attention_heads // groups
+    q = q.view(groups, per_group * d, -1)
+    k, v = k.view(groups, d, -1), v.view(groups, d, -1)
+    return torch.cat([q, k, v], dim=1)  # [groups, (per_group + 2) * d, hidden]
+
+
+def hf_to_megatron(hf: dict[str, Tensor], hf_config: dict[str, Any], tp_rank: int = 0, tp_size: int = 1
+                   ) -> dict[str, Tensor]:
+    """This rank's shard of the Megatron state dict from HF weights (names as Qwen3/LlamaForCausalLM)."""
+    cfg = DenseConfig.from_hf(hf_config)
+
+    def rows(t: Tensor) -> Tensor:  # column-parallel: split the output dim
+        return t.chunk(tp_size, dim=0)[tp_rank].clone()
+
+    def cols(t: Tensor) -> Tensor:  # row-parallel: split the input dim
+        return t.chunk(tp_size, dim=1)[tp_rank].clone()
+
+    out = {"embedding.word_embeddings.weight": rows(hf["model.embed_tokens.weight"]),
+           "decoder.final_layernorm.weight": hf["model.norm.weight"].clone()}
+    if not cfg.tie_word_embeddings:
+        out["output_layer.weight"] = rows(hf["lm_head.weight"])
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        qkv = _qkv_rows(cfg, hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
+                        hf[src + "self_attn.v_proj.weight"])
+        out[dst + "self_attention.linear_qkv.weight"] = qkv.chunk(tp_size, dim=0)[tp_rank].reshape(
+            -1, cfg.hidden_size).clone()
+        out[dst + "self_attention.linear_proj.weight"] = cols(hf[src + "self_attn.o_proj.weight"])
+        out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"].clone()
+        out[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"].clone()
+        if cfg.qk_norm:
+            out[dst + "self_attention.q_layernorm.weight"] = hf[src + "self_attn.q_norm.weight"].clone()
+            out[dst + "self_attention.k_layernorm.weight"] = hf[src + "self_attn.k_norm.weight"].clone()
+        # gated MLP: each rank holds [its gate rows; its up rows]
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([rows(hf[src + "mlp.gate_proj.weight"]),
+                                                        rows(hf[src + "mlp.up_proj.weight"])])
+        out[dst + "mlp.linear_fc2.weight"] = cols(hf[src + "mlp.down_proj.weight"])
+    return out
+
+
+def megatron_to_hf(shards: list[dict[str, Tensor]], hf_config: dict[str, Any]) -> dict[str, Tensor]:
+    """HF weights from every tensor-parallel rank's Megatron state dict (rank order)."""
+    cfg = DenseConfig.from_hf(hf_config)
+    first = shards[0]
+
+    def rows(name: str) -> Tensor:
+        return torch.cat([s[name] for s in shards], dim=0)
+
+    def cols(name: str) -> Tensor:
+        return torch.cat([s[name] for s in shards], dim=1)
+
+    hf = {"model.embed_tokens.weight": rows("embedding.word_embeddings.weight"),
+          "model.norm.weight": first["decoder.final_layernorm.weight"]}
+    if not cfg.tie_word_embeddings:
+        hf["lm_head.weight"] = rows("output_layer.weight")
+    d, groups = cfg.head_dim, cfg.num_key_value_heads
+    per_group = cfg.num_attention_heads // groups
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = rows(src + "self_attention.linear_qkv.weight").view(groups, (per_group + 2) * d, -1)
+        hf[dst + "self_attn.q_proj.weight"] = qkv[:, : per_group * d].reshape(-1, cfg.hidden_size)
+        hf[dst + "self_attn.k_proj.weight"] = qkv[:, per_group * d: (per_group + 1) * d].reshape(-1, cfg.hidden_size)
+        hf[dst + "self_attn.v_proj.weight"] = qkv[:, (per_group + 1) * d:].reshape(-1, cfg.hidden_size)
+        hf[dst + "self_attn.o_proj.weight"] = cols(src + "self_attention.linear_proj.weight")
+        hf[dst + "input_layernorm.weight"] = first[src + "input_layernorm.weight"]
+        hf[dst + "post_attention_layernorm.weight"] = first[src + "pre_mlp_layernorm.weight"]
+        if cfg.qk_norm:
+            hf[dst + "self_attn.q_norm.weight"] = first[src + "self_attention.q_layernorm.weight"]
+            hf[dst + "self_attn.k_norm.weight"] = first[src + "self_attention.k_layernorm.weight"]
+        fc1 = [s[src + "mlp.linear_fc1.weight"].chunk(2, dim=0) for s in shards]
+        hf[dst + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1], dim=0)
+        hf[dst + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1], dim=0)
+        hf[dst + "mlp.down_proj.weight"] = cols(src + "mlp.linear_fc2.weight")
+    return {k: v.contiguous() for k, v in hf.items()}
+
+
+def load_hf_weights(model, hf: dict[str, Tensor], hf_config: dict[str, Any], tp_rank: int, tp_size: int) -> None:
+    """Load HF weights into this rank's GPTModel, strictly (Megatron's extra `_extra_state` entries aside)."""
+    state = hf_to_megatron(hf, hf_config, tp_rank, tp_size)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"HF -> Megatron mapping does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def megatron_state(model) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
