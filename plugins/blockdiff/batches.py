@@ -34,18 +34,28 @@ class DiffusionBatch:
     def noisy_len(self) -> int:
         return self.targets.shape[1]
 
+    @property
+    def masked_inputs(self) -> Tensor:
+        """[b, input length] bool: which input positions hold the mask token (only ever in the noisy half)."""
+        out = torch.zeros_like(self.input_ids, dtype=torch.bool)
+        out[:, : self.noisy_len] = self.masked
+        return out
+
     def attention_mask(self, flex: bool = False) -> Tensor | BlockMask:
         if self.objective == "mdlm":
             return mdlm_block_mask(self.doc_ids) if flex else mdlm_mask(self.doc_ids)
         return bdlm_block_mask(self.doc_ids, self.block_size) if flex else bdlm_mask(self.doc_ids, self.block_size)
 
+    def with_noise(self, masked: Tensor, t_tok: Tensor) -> "DiffusionBatch":
+        """The same clean tokens under another mask: a complementary pair, or noise broadcast from another rank."""
+        noisy = apply_mask(self.targets, masked, self.mask_token_id)
+        input_ids = noisy if self.objective == "mdlm" else torch.cat([noisy, self.targets], dim=1)
+        return replace(self, input_ids=input_ids, masked=masked, t_tok=t_tok)
+
     def complement(self) -> "DiffusionBatch":
         """The complementary sample (LLaDA2.0 SFT): every maskable token masked in exactly one of the pair; the
         complement's ratio is 1 - t (floored so a fully masked original leaves a finite, unused weight)."""
-        masked = complementary_mask(self.masked, self.maskable)
-        noisy = apply_mask(self.targets, masked, self.mask_token_id)
-        input_ids = noisy if self.objective == "mdlm" else torch.cat([noisy, self.targets], dim=1)
-        return replace(self, input_ids=input_ids, masked=masked, t_tok=(1.0 - self.t_tok).clamp(min=1e-3))
+        return self.with_noise(complementary_mask(self.masked, self.maskable), (1.0 - self.t_tok).clamp(min=1e-3))
 
 
 def make_diffusion_batch(input_ids: Tensor, doc_ids: Tensor, block_size: int, objective: str, mask_token_id: int,

@@ -63,10 +63,8 @@ def ar_loss(model: torch.nn.Module, ids: Tensor, doc_ids: Tensor) -> Tensor:
 def diffusion_logits(model: torch.nn.Module, batch: DiffusionBatch, embed_noise_std: float = 0.0, step: int = 0,
                      embed_noise_steps: int = 0, generator: torch.Generator | None = None) -> Tensor:
     """Logits of the noisy half [b, L, V]."""
-    embeds = model.embed(batch.input_ids)
-    noisy_masked = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-    noisy_masked[:, : batch.noisy_len] = batch.masked
-    embeds = add_embedding_noise(embeds, noisy_masked, embed_noise_std, step, embed_noise_steps, generator)
+    embeds = add_embedding_noise(model.embed(batch.input_ids), batch.masked_inputs, embed_noise_std, step,
+                                 embed_noise_steps, generator)
     logits = model(None, batch.positions, batch.attention_mask(), inputs_embeds=embeds)
     return logits[:, : batch.noisy_len]
 

@@ -1,0 +1,58 @@
+"""Process groups for the recipes: torch.distributed (gloo on CPU, nccl on GPU), Megatron's model-parallel state, and
+the paper's consistency rule: noise is drawn on one rank of each model-parallel group and broadcast to the others, so
+every tensor-parallel shard computes its part of the same sample."""
+
+from __future__ import annotations
+
+import os
+import torch
+import torch.distributed as dist
+
+from blockdiff.batches import DiffusionBatch
+from nemo_dllm import cpu_compat
+
+
+def init(tp_size: int, seed: int) -> int:
+    """Initialise (once) the default process group from torchrun's environment (or a single local process) and
+    Megatron's parallel state. Returns this process's global rank."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    cpu_compat.apply()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)),
+                                world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    world = dist.get_world_size()
+    if world % tp_size:
+        raise ValueError(f"tensor_parallel={tp_size} does not divide the {world} processes")
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != tp_size:
+            raise ValueError(f"model parallel already initialised with another tensor_parallel than {tp_size}")
+    else:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    model_parallel_cuda_manual_seed(seed)
+    return dist.get_rank()
+
+
+def tp_rank_and_size() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def broadcast_noise(batch: DiffusionBatch) -> DiffusionBatch:
+    """Replace this rank's noise (which tokens are masked, and their ratios) by the first tensor-parallel rank's."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return batch
+    group = parallel_state.get_tensor_model_parallel_group()
+    src = parallel_state.get_tensor_model_parallel_src_rank()
+    masked = batch.masked.to(torch.uint8).contiguous()
+    t_tok = batch.t_tok.contiguous()
+    dist.broadcast(masked, src, group=group)
+    dist.broadcast(t_tok, src, group=group)
+    return batch.with_noise(masked.bool(), t_tok)
