@@ -41,7 +41,7 @@ def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1):
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
     return GPTModel(config, spec, vocab_size=cfg.vocab_size,
                     max_sequence_length=hf_config.get("max_position_embeddings", 4096),
-                    parallel_output=False, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+                    parallel_output=True, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
                     position_embedding_type="rope", rotary_base=int(cfg.rope_theta))
 
 
@@ -57,14 +57,37 @@ def embed(model, input_ids: Tensor) -> Tensor:
     return model.embedding(input_ids=input_ids, position_ids=None)
 
 
+class _GatherVocab(torch.autograd.Function):
+    """All-gather vocab-parallel logits along the last dim; backward keeps this rank's slice of the gradient (every
+    rank computes the same loss from the full logits, so no reduction). Megatron's own gather allocates its output
+    on the GPU; this one works on gloo too, so CPU and GPU take the same path."""
+
+    @staticmethod
+    def forward(ctx, shard: Tensor, group) -> Tensor:
+        ctx.group, ctx.width = group, shard.shape[-1]
+        parts = [torch.empty_like(shard) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, shard.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rank = torch.distributed.get_rank(ctx.group)
+        return grad[..., rank * ctx.width: (rank + 1) * ctx.width].contiguous(), None
+
+
 def forward(model, input_ids: Tensor | None, position_ids: Tensor, allowed: Tensor,
             embeddings: Tensor | None = None) -> Tensor:
-    """Logits [b, s, vocab] (gathered over tensor-parallel ranks). `allowed` is the core's boolean mask
+    """Logits [b, s, vocab], full vocabulary on every tensor-parallel rank. `allowed` is the core's boolean mask
     [b, s, s] with True = may attend; Megatron's convention is the opposite."""
+    from megatron.core import parallel_state
+
     hidden = embed(model, input_ids) if embeddings is None else embeddings
-    hidden = model.decoder(hidden_states=hidden, attention_mask=~allowed[:, None], rotary_pos_emb=_rope(model, position_ids))
+    hidden = model.decoder(hidden_states=hidden, attention_mask=~allowed[:, None],
+                           rotary_pos_emb=_rope(model, position_ids))
     logits, _ = model.output_layer(hidden, weight=model.shared_embedding_or_output_weight()
                                    if model.share_embeddings_and_output_weights else None)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        logits = _GatherVocab.apply(logits, parallel_state.get_tensor_model_parallel_group())
     return logits.transpose(0, 1).float()
 
 

@@ -56,3 +56,17 @@ def broadcast_noise(batch: DiffusionBatch) -> DiffusionBatch:
     dist.broadcast(masked, src, group=group)
     dist.broadcast(t_tok, src, group=group)
     return batch.with_noise(masked.bool(), t_tok)
+
+
+def reduce_replicated_grads(model) -> None:
+    """Sum, across the tensor-parallel group, the gradients of parameters that every rank holds whole but applies to
+    its own shard of heads (QK-norm weights): each rank only saw its heads' contribution. This is what Megatron's
+    finalize_model_grads does for them; its DDP wrapper does not run on CPU, so the recipes call this after backward."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    group = parallel_state.get_tensor_model_parallel_group()
+    for name, param in model.named_parameters():
+        if param.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
+            dist.all_reduce(param.grad, group=group)
