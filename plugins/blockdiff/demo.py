@@ -21,7 +21,7 @@ from blockdiff.decoding import DecodeParams, ReferenceDecoder
 from blockdiff.models import BlockDiffusionSettings, build_model, init_weights, load_model, save_model, \
     tiny_dense_config, with_block_diffusion
 from blockdiff.schedules import WSDSchedule
-from blockdiff.train import OptimConfig, masked_token_accuracy, train_ar, train_wsd
+from blockdiff.train import OptimConfig, heldout_accuracy, train_ar, train_wsd
 
 # phase_steps: each WSD phase's token budget in training steps (Stable gets twice that). max_tokens: the most tokens
 # generated per prompt; each request stops at the block boundary at or below it, so no block is cut.
@@ -94,12 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     dllm_dir = out / "dllm"
     print(f"[3/4] WSD conversion to block diffusion: "
           f"{' -> '.join(str(p.block_size) for p in schedule.phases)} -> {dllm_dir}", flush=True)
-    acc_before = masked_token_accuracy(model, val_ids, val_doc, settings.block_size, mask_id)
+    acc_before = heldout_accuracy(model, val_ids, val_doc, settings.block_size, mask_id)
     history = train_wsd(model, ids, doc_ids, schedule, s["batch"], mask_id, OptimConfig(lr=2e-3, warmup_steps=5))
     dllm_cfg = with_block_diffusion(cfg, settings)
     save_model(model, dllm_cfg, dllm_dir)
     copy_tokenizer(tok_dir, dllm_dir)
-    acc_after = masked_token_accuracy(model, val_ids, val_doc, settings.block_size, mask_id)
+    acc_after = heldout_accuracy(model, val_ids, val_doc, settings.block_size, mask_id)
     print(f"      diffusion loss {history[0][1]:.3f} -> {history[-1][1]:.3f}; held-out masked-token accuracy at "
           f"t=0.5: {acc_before:.1%} (AR base) -> {acc_after:.1%} (chance {1 / tok.get_vocab_size():.2%})", flush=True)
 

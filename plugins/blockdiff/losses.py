@@ -69,3 +69,11 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: T
     chosen = reference_chosen - policy_chosen
     rejected = reference_rejected - policy_rejected
     return -F.logsigmoid(beta * (chosen - rejected)).mean()
+
+
+def masked_token_accuracy(logits: Tensor, targets: Tensor, masked: Tensor, mask_token_id: int) -> float:
+    """Share of masked positions whose argmax (the mask token excluded, as in decoding) is the right token."""
+    logits = logits.float().clone()
+    logits[..., mask_token_id] = float("-inf")
+    right = (logits.argmax(dim=-1) == targets) & masked
+    return right.sum().item() / max(1, int(masked.sum()))

@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from blockdiff.batches import DiffusionBatch, make_diffusion_batch
-from blockdiff.losses import diffusion_loss
+from blockdiff.losses import diffusion_loss, masked_token_accuracy
 from blockdiff.masks import document_positions, mdlm_mask
 from blockdiff.noise import MaskBand, add_embedding_noise
 from blockdiff.schedules import WSDSchedule
@@ -122,12 +122,9 @@ def train_wsd(model: torch.nn.Module, ids: Tensor, doc_ids: Tensor, schedule: WS
 
 
 @torch.no_grad()
-def masked_token_accuracy(model: torch.nn.Module, ids: Tensor, doc_ids: Tensor, block_size: int, mask_token_id: int,
+def heldout_accuracy(model: torch.nn.Module, ids: Tensor, doc_ids: Tensor, block_size: int, mask_token_id: int,
                           mask_ratio: float = 0.5, seed: int = 0) -> float:
     """Share of masked tokens whose argmax (mask token excluded) is the right token, at a fixed mask ratio."""
     g = torch.Generator().manual_seed(seed)
     batch = make_diffusion_batch(ids, doc_ids, block_size, "bdlm", mask_token_id, MaskBand(mask_ratio, mask_ratio), g)
-    logits = diffusion_logits(model, batch).float()
-    logits[..., mask_token_id] = float("-inf")
-    right = (logits.argmax(-1) == batch.targets) & batch.masked
-    return right.sum().item() / max(1, batch.masked.sum().item())
+    return masked_token_accuracy(diffusion_logits(model, batch), batch.targets, batch.masked, mask_token_id)

@@ -70,3 +70,30 @@ def reduce_replicated_grads(model) -> None:
     for name, param in model.named_parameters():
         if param.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
             dist.all_reduce(param.grad, group=group)
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Clip by the global gradient norm of the whole (tensor-parallel) model: sharded parameters' squares summed over
+    the group, replicated ones counted once. A per-rank norm would scale replicated weights differently on each rank
+    and let them drift apart."""
+    from megatron.core import parallel_state
+
+    sharded, replicated = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    grads = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        sq = p.grad.detach().double().pow(2).sum()
+        if getattr(p, "tensor_model_parallel", False):
+            sharded += sq
+        else:
+            replicated += sq
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sharded, group=parallel_state.get_tensor_model_parallel_group())
+    total = float((sharded + replicated).sqrt())
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return total

@@ -89,11 +89,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[to
 
 
 def save_model(model: torch.nn.Module, cfg: dict[str, Any], path: str | Path) -> Path:
-    """Write config.json and model.safetensors (tied weights stored once, as HF does). Other files (tokenizer) are
-    the caller's."""
+    """Write config.json and model.safetensors. Other files (tokenizer) are the caller's."""
+    return save_weights(model.state_dict(), cfg, path)
+
+
+def save_weights(state: dict[str, torch.Tensor], cfg: dict[str, Any], path: str | Path) -> Path:
+    """An HF directory from HF-named weights (tied weights stored once, as HF does)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in state.items()}
     if cfg.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
@@ -141,4 +145,4 @@ def init_weights(model: torch.nn.Module, seed: int, std: float = 0.02) -> torch.
 
 
 __all__ = ["ARCHITECTURES", "BlockDiffusionSettings", "DenseConfig", "DenseDecoder", "build_model", "init_weights",
-           "load_model", "read_config", "save_model", "tiny_dense_config", "with_block_diffusion"]
+           "load_model", "read_config", "save_model", "save_weights", "tiny_dense_config", "with_block_diffusion"]

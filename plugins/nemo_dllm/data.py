@@ -1,0 +1,140 @@
+"""Training data for the recipes: packed pretraining documents with their boundaries, prompt/response pairs for SFT,
+preference triples for DPO. JSONL files are checked line by line before training starts; an error names the file,
+the line and what is wrong with it. The built-in sources come from the core's embedded standard-library data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from blockdiff.data import EOS, function_sft_pairs, pack_documents, special_id, stdlib_documents
+
+BUILTIN = "stdlib"  # pretraining: the standard library's files; SFT/DPO: its documented functions
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_jsonl(path: str | Path, schema: dict[str, type]) -> list[dict]:
+    """Every line a JSON object with these keys of these types (strings non-empty)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        for key, kind in schema.items():
+            if key not in row:
+                raise DataError(f"{path}:{lineno}: missing key {key!r}")
+            if not isinstance(row[key], kind) or (kind is str and not row[key]):
+                raise DataError(f"{path}:{lineno}: {key!r} must be a non-empty {kind.__name__}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    return rows
+
+
+def pretraining_rows(source: str, tok: Tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor]:
+    """(train ids, train doc ids, validation ids, validation doc ids), rows of seq_len packed with EOS between
+    documents. `source` is "stdlib" or a JSONL file of {"text": ...} documents (every 20th held out)."""
+    if source == BUILTIN:
+        docs = stdlib_documents()
+        texts, held_out = [d.text for d in docs], [d.is_validation for d in docs]
+    else:
+        texts = [r["text"] for r in read_jsonl(source, {"text": str})]
+        held_out = [i % 20 == 19 for i in range(len(texts))]
+    encoded = [e.ids for e in tok.encode_batch(texts)]
+    eos = special_id(tok, EOS)
+    train = pack_documents([e for e, v in zip(encoded, held_out) if not v], seq_len, eos)
+    val = pack_documents([e for e, v in zip(encoded, held_out) if v] or encoded[-1:], seq_len, eos)
+    return train[0], train[1], val[0], val[1]
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: list[int]
+    response: list[int]  # ends with EOS
+
+
+def _chat_prompt(messages: list, where: str) -> tuple[str, str]:
+    if not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
+        raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant's, got {messages[-1]['role']!r}")
+    prompt = "".join(f"<|{m['role']}|>{m['content']}" for m in messages[:-1]) + "<|assistant|>"
+    return prompt, messages[-1]["content"]
+
+
+def sft_examples(source: str, tok: Tokenizer) -> list[Example]:
+    """From "stdlib" (signature + docstring -> body) or a JSONL of {"prompt", "response"} or chat-style
+    {"messages": [...]} lines."""
+    eos = special_id(tok, EOS)
+    if source == BUILTIN:
+        pairs = [(p.prompt, p.response) for p in function_sft_pairs(stdlib_documents())]
+    else:
+        path, pairs = Path(source), []
+        for lineno, line in enumerate(path.read_text().splitlines() if path.exists() else [], start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if isinstance(row, dict) and "messages" in row:
+                pairs.append(_chat_prompt(row["messages"], where))
+            elif isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k] for k in ("prompt", "response")):
+                pairs.append((row["prompt"], row["response"]))
+            else:
+                raise DataError(f"{where}: expected {{'prompt', 'response'}} strings or a 'messages' list")
+        if not pairs:
+            raise DataError(f"data file {path} does not exist or has no examples")
+    return [Example(tok.encode(p).ids, tok.encode(r).ids + [eos]) for p, r in pairs]
+
+
+@dataclass(frozen=True)
+class Preference:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def preference_examples(source: str, tok: Tokenizer) -> list[Preference]:
+    """From a JSONL of {"prompt", "chosen", "rejected"} lines, or "stdlib": each documented function's own body is
+    chosen over the body of the next function in the corpus."""
+    eos = special_id(tok, EOS)
+    if source == BUILTIN:
+        pairs = function_sft_pairs(stdlib_documents())
+        rows = [{"prompt": p.prompt, "chosen": p.response, "rejected": pairs[(i + 1) % len(pairs)].response}
+                for i, p in enumerate(pairs)]
+    else:
+        rows = read_jsonl(source, {"prompt": str, "chosen": str, "rejected": str})
+    return [Preference(tok.encode(r["prompt"]).ids, tok.encode(r["chosen"]).ids + [eos],
+                       tok.encode(r["rejected"]).ids + [eos]) for r in rows]
+
+
+def response_batch(pairs: list[tuple[list[int], list[int]]], seq_len: int, block_size: int, eos_id: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded rows of prompt + response (padding with EOS, which is part of the response: the model learns to
+    stop), cut to seq_len, lengths a multiple of the block size. Returns ids and the response mask."""
+    rows = [(p + r)[:seq_len] for p, r in pairs]
+    width = -(-max(len(r) for r in rows) // block_size) * block_size
+    ids = torch.full((len(rows), width), eos_id, dtype=torch.long)
+    response = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, ((prompt, _), row) in enumerate(zip(pairs, rows)):
+        ids[i, : len(row)] = torch.tensor(row)
+        response[i, min(len(prompt), len(row)):] = True
+    return ids, response
