@@ -5,8 +5,6 @@ resumable checkpoints, and ends with a Hugging Face directory `<out_dir>/hf` tha
 plugins load. Every configuration error is raised before the model is built.
 """
 
-from __future__ import annotations
-
 import json
 import shutil
 from dataclasses import asdict, dataclass, field

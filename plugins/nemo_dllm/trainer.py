@@ -7,8 +7,6 @@ uninterrupted run did. Megatron's own DDP and optimizer do not run on CPU (their
 uses a plain torch optimizer on both; on a GPU machine the same loop runs, only the process group changes (nccl).
 """
 
-from __future__ import annotations
-
 import json
 import math
 import shutil
