@@ -1,0 +1,138 @@
+"""The recipe stages on Megatron: WSD across a SIGKILL and resume, configuration and data errors before training,
+and the NeMo-Run command line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from blockdiff.data import save_tokenizer, stdlib_documents, train_tokenizer
+from blockdiff.models import build_model, init_weights, save_model, tiny_dense_config
+from nemo_dllm.data import DataError, read_jsonl, sft_examples
+from nemo_dllm.stages import SFTConfig, WSDConfig, sft, wsd_cpt
+from nemo_dllm.trainer import TrainerConfig
+
+NEMO = Path(sys.executable).parent / "nemo"
+
+
+@pytest.fixture(scope="module")
+def ar_base(tmp_path_factory):
+    """A random tiny Qwen3 with a tokenizer trained on part of the standard library."""
+    path = tmp_path_factory.mktemp("ar-base")
+    tok = train_tokenizer([d.text for d in stdlib_documents(max_bytes=300_000)], 400)
+    save_tokenizer(tok, path, model_max_length=1024)
+    cfg = tiny_dense_config(vocab_size=tok.get_vocab_size(), hidden_size=64, num_hidden_layers=2, head_dim=16,
+                            intermediate_size=128, eos_token_id=0, pad_token_id=0)
+    save_model(init_weights(build_model(cfg), 0), cfg, path)
+    return path
+
+
+def _corpus(tmp_path: Path) -> Path:
+    """A small JSONL corpus (the stdlib would take longer to tokenize than the run takes)."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in stdlib_documents(max_bytes=200_000)))
+    return path
+
+
+WSD_SCRIPT = textwrap.dedent("""
+    import sys
+    from nemo_dllm.stages import WSDConfig, wsd_cpt
+    from nemo_dllm.trainer import TrainerConfig
+    wsd_cpt(WSDConfig(init_from=sys.argv[1], out_dir=sys.argv[2], data=sys.argv[3], seq_len=64, batch_size=2,
+                      warmup_tokens=3 * 128, stable_tokens=6 * 128, decay_tokens=3 * 128,
+                      trainer=TrainerConfig(save_every=3, lr=2e-3, warmup_steps=2)))
+""")
+
+
+def _wsd(ar_base, out, corpus, background=False):
+    cmd = [sys.executable, "-c", WSD_SCRIPT, str(ar_base), str(out), str(corpus)]
+    if background:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _metrics(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_wsd_block_sizes_and_losses_survive_sigkill_and_resume(ar_base, tmp_path):
+    corpus = _corpus(tmp_path)
+    _wsd(ar_base, tmp_path / "straight", corpus)
+    proc = _wsd(ar_base, tmp_path / "killed", corpus, background=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoints" / "step-0000006").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(_metrics(tmp_path / "killed"))
+    assert killed_at < 21  # really interrupted
+    _wsd(ar_base, tmp_path / "killed", corpus)  # same command: resumes from its last checkpoint
+    straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "killed")
+    schedule = WSDConfig(init_from="", out_dir="", seq_len=64, warmup_tokens=384, stable_tokens=768,
+                         decay_tokens=384).schedule()
+    assert [r["step"] for r in resumed] == list(range(21))
+    assert [r["block_size"] for r in resumed] == [schedule.phase_at(s, 128).block_size for s in range(21)]
+    assert [r["block_size"] for r in resumed] == [1] * 3 + [4] * 3 + [32] * 3 + [64] * 3 + [64] * 6 + [32] * 3
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], abs=1e-6)
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["stage"] == "wsd_cpt" and (tmp_path / "killed" / "hf" / "model.safetensors").exists()
+    assert not list((tmp_path / "killed" / "checkpoints").glob("*.partial"))
+
+
+def test_sequence_length_not_divisible_fails_before_training(ar_base, tmp_path):
+    cfg = WSDConfig(init_from=str(ar_base), out_dir=str(tmp_path / "out"), seq_len=100)
+    with pytest.raises(ValueError, match="sequence length 100 is not divisible by block size"):
+        wsd_cpt(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_lines_are_named(ar_base, tmp_path):
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    from blockdiff.data import load_tokenizer
+
+    tok = load_tokenizer(ar_base)
+    with pytest.raises(DataError, match=f"{bad}:2: expected"):
+        sft_examples(str(bad), tok)
+    bad.write_text('{"prompt": "x", "chosen": "y", "rejected": "z"}\nnot json\n')
+    with pytest.raises(DataError, match=f"{bad}:2: not valid JSON"):
+        read_jsonl(bad, {"prompt": str, "chosen": str, "rejected": str})
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(DataError, match=f"{bad}:1: the last message must be the assistant's"):
+        sft_examples(str(bad), tok)
+
+
+def test_sft_on_an_ar_checkpoint_is_refused(ar_base, tmp_path):
+    with pytest.raises(ValueError, match="no `block_diffusion` section"):
+        sft(SFTConfig(init_from=str(ar_base), out_dir=str(tmp_path / "o")))
+
+
+def test_cli_lists_the_stages_and_names_a_bad_key():
+    out = subprocess.run([str(NEMO), "dllm", "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and all(s in out.stdout for s in ("wsd_cpt", "sft", "cap", "dpo", "merge"))
+    bad = subprocess.run([str(NEMO), "dllm", "merge", "--factory", "tiny", "config.bogus=1", "--direct", "--yes"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "No parameter named 'bogus'" in bad.stdout + bad.stderr
+
+
+@pytest.mark.slow
+def test_cli_runs_a_yaml_recipe(ar_base, tmp_path):
+    """`nemo dllm wsd_cpt --yaml recipes/wsd_cpt_tiny.yaml` with a few overrides, end to end."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([str(NEMO), "dllm", "wsd_cpt", "--yaml", str(root / "recipes" / "wsd_cpt_tiny.yaml"),
+                          f"config.init_from={ar_base}", f"config.out_dir={tmp_path / 'w'}",
+                          f"config.data={_corpus(tmp_path)}", "config.seq_len=64", "config.batch_size=2",
+                          "config.warmup_tokens=128", "config.stable_tokens=128", "config.decay_tokens=128",
+                          "--direct", "--yes"], capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert json.loads((tmp_path / "w" / "summary.json").read_text())["stage"] == "wsd_cpt"
