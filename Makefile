@@ -1,11 +1,16 @@
 # The two commands of the README, and the pieces they are made of. Every target builds the venvs it needs first
 # (tools/envs.py; seconds when they are current).
 PYTHON ?= python3
+CORE = $$($(PYTHON) tools/envs.py --path core)
+NEMO = $$(dirname $$($(PYTHON) tools/envs.py --path nemo))/nemo
 
 .PHONY: demo test envs
-demo:  ## the main job at toy scale: AR base -> WSD conversion -> decode HumanEval prompts, TPF printed
-	$(PYTHON) tools/envs.py core
-	$$($(PYTHON) tools/envs.py --path core) -m blockdiff.demo
+demo:  ## the main job: tiny AR base -> NeMo recipes on Megatron (wsd_cpt, sft + cap, dpo, merge) -> decode, TPF
+	$(PYTHON) tools/envs.py core nemo
+	rm -rf runs/demo runs/nemo
+	$(CORE) -m blockdiff.demo base
+	$(NEMO) dllm pipeline --yaml recipes/pipeline_tiny.yaml --direct --yes
+	$(CORE) -m blockdiff.demo decode runs/nemo/sft/hf runs/nemo/cap/hf runs/nemo/merged
 
 test:  ## every test suite, each in its stack's venv
 	$(PYTHON) tools/test.py

@@ -88,6 +88,18 @@ class MergeConfig:
     higher_is_better: bool = False
 
 
+@dataclass
+class PipelineConfig:
+    """Every stage of the recipe; `sft` and `cap` both start from the converted model with equal budgets, so their
+    decoding speed compares CAP against SFT alone; `dpo` continues from `cap`; `merge` averages the DPO run's best."""
+
+    wsd: WSDConfig
+    sft: SFTConfig
+    cap: SFTConfig
+    dpo: DPOConfig
+    merge: MergeConfig
+
+
 def _check_seq_len(seq_len: int, block: int) -> None:
     if seq_len % block:
         raise ValueError(f"seq_len {seq_len} is not divisible by the block size {block}")
@@ -300,3 +312,13 @@ def merge(cfg: MergeConfig) -> Path:
     out = merge_checkpoints(best, Path(cfg.out_dir))
     (out / "merge.json").write_text(json.dumps({"merged": [str(p) for p in best], **asdict(cfg)}, indent=1) + "\n")
     return out
+
+
+def pipeline(cfg: PipelineConfig) -> Path:
+    if cfg.cap.confidence_weight <= 0:
+        raise ValueError(f"pipeline.cap.confidence_weight must be > 0, got {cfg.cap.confidence_weight}")
+    wsd_cpt(cfg.wsd)
+    sft(cfg.sft)
+    sft(cfg.cap)
+    dpo(cfg.dpo)
+    return merge(cfg.merge) if dist.get_rank() == 0 else Path(cfg.merge.out_dir)
