@@ -9,7 +9,7 @@ demo:  ## the main job: tiny AR base -> NeMo recipes on Megatron (wsd_cpt, sft +
 	$(PYTHON) tools/envs.py core nemo
 	rm -rf runs/demo runs/nemo
 	$(CORE) -m blockdiff.demo base
-	$(NEMO) dllm pipeline --yaml recipes/pipeline_tiny.yaml --direct --yes
+	$(NEMO) dllm pipeline --factory tiny --direct --yes
 	$(CORE) -m blockdiff.demo decode runs/nemo/sft/hf runs/nemo/cap/hf runs/nemo/merged
 
 test:  ## every test suite, each in its stack's venv

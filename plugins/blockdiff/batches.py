@@ -46,6 +46,10 @@ class DiffusionBatch:
             return mdlm_block_mask(self.doc_ids) if flex else mdlm_mask(self.doc_ids)
         return bdlm_block_mask(self.doc_ids, self.block_size) if flex else bdlm_mask(self.doc_ids, self.block_size)
 
+    def to(self, device: torch.device | str) -> "DiffusionBatch":
+        return replace(self, **{f: getattr(self, f).to(device) for f in
+                                ("input_ids", "positions", "doc_ids", "targets", "masked", "maskable", "t_tok")})
+
     def with_noise(self, masked: Tensor, t_tok: Tensor) -> "DiffusionBatch":
         """The same clean tokens under another mask: a complementary pair, or noise broadcast from another rank."""
         noisy = apply_mask(self.targets, masked, self.mask_token_id)

@@ -23,6 +23,8 @@ def init(tp_size: int, seed: int) -> int:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)),
                                 world_size=int(os.environ.get("WORLD_SIZE", 1)))
     world = dist.get_world_size()
@@ -37,6 +39,11 @@ def init(tp_size: int, seed: int) -> int:
     return dist.get_rank()
 
 
+def device() -> torch.device:
+    """Where this rank's model and batches live: its GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def tp_rank_and_size() -> tuple[int, int]:
     from megatron.core import parallel_state
 
@@ -47,6 +54,7 @@ def broadcast_noise(batch: DiffusionBatch) -> DiffusionBatch:
     """Replace this rank's noise (which tokens are masked, and their ratios) by the first tensor-parallel rank's."""
     from megatron.core import parallel_state
 
+    batch = batch.to(device())
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return batch
     group = parallel_state.get_tensor_model_parallel_group()

@@ -7,7 +7,7 @@ plugins load. Every configuration error is raised before the model is built.
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -113,7 +113,7 @@ def _load(hf_dir: str, tp: int):
     tp_rank, _ = parallel.tp_rank_and_size()
     model = megatron_model.build_gpt_model(cfg, tp_size=tp)
     megatron_model.load_hf_weights(model, weights, cfg, tp_rank, tp)
-    return model, cfg
+    return model.to(parallel.device()), cfg
 
 
 def export_hf(model, cfg: dict, tokenizer_dir: str, out: Path, extra: dict | None = None) -> Path:
@@ -167,7 +167,7 @@ def wsd_cpt(cfg: WSDConfig) -> Path:
     parallel.init(tp, cfg.trainer.seed)
     model, hf_cfg = _load(cfg.init_from, tp)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    cfg.trainer.max_steps = schedule.total_steps(tokens_per_step)
+    trainer = replace(cfg.trainer, max_steps=schedule.total_steps(tokens_per_step))
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         phase = schedule.phase_at(step, tokens_per_step)
@@ -187,9 +187,9 @@ def wsd_cpt(cfg: WSDConfig) -> Path:
     def validation_loss() -> float:
         batch = make_diffusion_batch(val_ids[:16], val_doc[:16], cfg.final_block, "bdlm", mask_id, band,
                                      torch.Generator().manual_seed(0))
-        return objectives.pretrain_loss(model, batch).item()
+        return objectives.pretrain_loss(model, batch.to(parallel.device())).item()
 
-    records = train(cfg.trainer, model, loss_at, Path(cfg.out_dir), "wsd_cpt", phase_of,
+    records = train(trainer, model, loss_at, Path(cfg.out_dir), "wsd_cpt", phase_of,
                     _checkpoint_export(model, out_cfg, cfg.init_from, validation_loss))
     accuracy = heldout_accuracy(model, val_ids[:16], val_doc[:16], cfg.final_block, mask_id)
     return _finish(model, out_cfg, cfg.init_from, Path(cfg.out_dir), records,
@@ -203,7 +203,7 @@ def heldout_accuracy(model, ids: torch.Tensor, doc_ids: torch.Tensor, block_size
     """Masked-token accuracy on held-out rows at a fixed mask ratio (the same noise on every rank)."""
     model.eval()
     batch = make_diffusion_batch(ids, doc_ids, block_size, "bdlm", mask_id, MaskBand(ratio, ratio),
-                                 torch.Generator().manual_seed(0))
+                                 torch.Generator().manual_seed(0)).to(parallel.device())
     logits = objectives.noisy_logits(model, batch)
     return masked_token_accuracy(logits, batch.targets, batch.masked, mask_id)
 
@@ -261,12 +261,13 @@ def dpo(cfg: DPOConfig) -> Path:
     """DPO on the ELBO (Eq. 7-8) against a frozen copy of the starting model."""
     settings, tok, eos = _sft_like_setup(cfg.init_from, cfg.seq_len)
     band = MaskBand(*cfg.mask_band)
-    if cfg.lr is None:
+    lr = cfg.lr
+    if lr is None:
         state = Path(cfg.init_from) / "training_state.json"
         if not state.exists():
             raise ValueError(f"dpo.lr is not set and {state} (the SFT run's final learning rate) does not exist")
-        cfg.lr = json.loads(state.read_text())["final_lr"]
-    cfg.trainer.lr = cfg.lr
+        lr = json.loads(state.read_text())["final_lr"]
+    trainer = replace(cfg.trainer, lr=lr)
     prefs = [p for p in data.preference_examples(cfg.data, tok) if _fits(p.prompt, cfg.seq_len, settings.block_size)]
     if len(prefs) < 2:
         raise data.DataError(f"{cfg.data}: fewer than 2 examples with a prompt shorter than seq_len - block_size")
@@ -293,7 +294,7 @@ def dpo(cfg: DPOConfig) -> Path:
     def validation_loss() -> float:
         return pair_loss(held_out[: cfg.batch_size], torch.Generator().manual_seed(0)).item()
 
-    records = train(cfg.trainer, policy, loss_at, Path(cfg.out_dir), "dpo",
+    records = train(trainer, policy, loss_at, Path(cfg.out_dir), "dpo",
                     on_save=_checkpoint_export(policy, hf_cfg, cfg.init_from, validation_loss))
     return _finish(policy, hf_cfg, cfg.init_from, Path(cfg.out_dir), records, {"stage": "dpo", "config": asdict(cfg)})
 
