@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from blockdiff.data import EOS, function_sft_pairs, pack_documents, special_id, stdlib_documents
+from blockdiff.noise import pad_to_block_multiple
 
 BUILTIN = "stdlib"  # pretraining: the standard library's files; SFT/DPO: its documented functions
 
@@ -127,14 +128,18 @@ def preference_examples(source: str, tok: Tokenizer) -> list[Preference]:
 
 
 def response_batch(pairs: list[tuple[list[int], list[int]]], seq_len: int, block_size: int, eos_id: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded rows of prompt + response (padding with EOS, which is part of the response: the model learns to
-    stop), cut to seq_len, lengths a multiple of the block size. Returns ids and the response mask."""
-    rows = [(p + r)[:seq_len] for p, r in pairs]
-    width = -(-max(len(r) for r in rows) // block_size) * block_size
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of prompt + response cut to seq_len, each padded with EOS to its own block multiple: that padding is part
+    of the response (the model learns to fill the last block after it stops). Shorter rows are then filled up to the
+    batch width with EOS as a separate document outside the loss, so batch padding neither dominates the loss nor
+    is seen by the real tokens. Returns ids, the response (loss) mask and document ids."""
+    rows = [pad_to_block_multiple((p + r)[:seq_len], block_size, eos_id) for p, r in pairs]
+    width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), eos_id, dtype=torch.long)
     response = torch.zeros(len(rows), width, dtype=torch.bool)
+    doc_ids = torch.zeros(len(rows), width, dtype=torch.long)
     for i, ((prompt, _), row) in enumerate(zip(pairs, rows)):
         ids[i, : len(row)] = torch.tensor(row)
-        response[i, min(len(prompt), len(row)):] = True
-    return ids, response
+        response[i, min(len(prompt), len(row)): len(row)] = True
+        doc_ids[i, len(row):] = 1
+    return ids, response, doc_ids

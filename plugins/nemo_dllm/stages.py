@@ -235,9 +235,9 @@ def sft(cfg: SFTConfig) -> Path:
     model, hf_cfg = _load(cfg.init_from, tp)
 
     def noised(chosen: list[Example], g: torch.Generator):
-        ids, response = data.response_batch([(e.prompt, e.response) for e in chosen], cfg.seq_len,
-                                            settings.block_size, eos)
-        return parallel.broadcast_noise(make_diffusion_batch(ids, torch.zeros_like(ids), settings.block_size, "bdlm",
+        ids, response, doc_ids = data.response_batch([(e.prompt, e.response) for e in chosen], cfg.seq_len,
+                                                     settings.block_size, eos)
+        return parallel.broadcast_noise(make_diffusion_batch(ids, doc_ids, settings.block_size, "bdlm",
                                                              settings.mask_token_id, band, g, maskable=response))
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
@@ -279,8 +279,8 @@ def dpo(cfg: DPOConfig) -> Path:
     reference.eval().requires_grad_(False)
 
     def noised(pairs, g):
-        ids, response = data.response_batch(pairs, cfg.seq_len, settings.block_size, eos)
-        return parallel.broadcast_noise(make_diffusion_batch(ids, torch.zeros_like(ids), settings.block_size, "bdlm",
+        ids, response, doc_ids = data.response_batch(pairs, cfg.seq_len, settings.block_size, eos)
+        return parallel.broadcast_noise(make_diffusion_batch(ids, doc_ids, settings.block_size, "bdlm",
                                                              settings.mask_token_id, band, g, maskable=response))
 
     def pair_loss(picks: list[data.Preference], g: torch.Generator) -> torch.Tensor:

@@ -136,3 +136,13 @@ def test_cli_runs_a_yaml_recipe(ar_base, tmp_path):
                           "--direct", "--yes"], capture_output=True, text=True, timeout=600, cwd=root)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert json.loads((tmp_path / "w" / "summary.json").read_text())["stage"] == "wsd_cpt"
+
+
+def test_response_batch_pads_each_row_to_its_block_and_fences_off_batch_padding():
+    from nemo_dllm.data import response_batch
+
+    ids, response, doc_ids = response_batch([([5, 6], [7, 0]), ([5], [7, 8, 9, 10, 11, 0])], seq_len=16,
+                                            block_size=4, eos_id=0)
+    assert ids.tolist() == [[5, 6, 7, 0, 0, 0, 0, 0], [5, 7, 8, 9, 10, 11, 0, 0]]
+    assert response.int().tolist() == [[0, 0, 1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1]]
+    assert doc_ids.tolist() == [[0, 0, 0, 0, 1, 1, 1, 1], [0] * 8]
