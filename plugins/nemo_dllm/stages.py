@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from blockdiff.batches import make_diffusion_batch
+from blockdiff.batches import DiffusionBatch, make_diffusion_batch
 from blockdiff.data import EOS, MASK, load_tokenizer, special_id
 from blockdiff.losses import masked_token_accuracy
 from blockdiff.merge import merge_checkpoints, select_top_k
@@ -211,34 +211,41 @@ def heldout_accuracy(model, ids: torch.Tensor, doc_ids: torch.Tensor, block_size
 def _sft_like_setup(init_from: str, seq_len: int):
     settings = BlockDiffusionSettings.from_config(read_config(init_from))
     _check_seq_len(seq_len, settings.block_size)
-    tok = load_tokenizer(init_from)
-    return settings, tok, special_id(tok, EOS)
+    return settings, load_tokenizer(init_from)
 
 
-def _fits(prompt: list[int], seq_len: int, block: int) -> bool:
-    return len(prompt) <= seq_len - block
+def _split_held_out(items: list, source: str, seq_len: int, block: int) -> tuple[list, list]:
+    """Keep the examples whose prompt leaves room for a block of response; hold out the last 5% for validation."""
+    items = [x for x in items if len(x.prompt) <= seq_len - block]
+    if len(items) < 2:
+        raise data.DataError(f"{source}: fewer than 2 examples with a prompt shorter than seq_len - block_size")
+    cut = max(1, len(items) // 20)
+    return items[-cut:], items[:-cut]
+
+
+def _noised_responses(pairs: list[tuple[list[int], list[int]]], seq_len: int, settings: BlockDiffusionSettings,
+                      band: MaskBand, g: torch.Generator) -> DiffusionBatch:
+    """A prompt-conditioned block-diffusion batch: only response tokens are masked; noise from TP rank 0."""
+    ids, response, doc_ids = data.response_batch(pairs, seq_len, settings.block_size, settings.eos_token_ids[0])
+    return parallel.broadcast_noise(make_diffusion_batch(ids, doc_ids, settings.block_size, "bdlm",
+                                                         settings.mask_token_id, band, g, maskable=response))
 
 
 def sft(cfg: SFTConfig) -> Path:
     """Prompt-conditioned block-diffusion SFT (Eq. 5) with a mask-ratio band and complementary masking; CAP (Eq. 6)
     when `confidence_weight` > 0."""
-    settings, tok, eos = _sft_like_setup(cfg.init_from, cfg.seq_len)
+    settings, tok = _sft_like_setup(cfg.init_from, cfg.seq_len)
     band = MaskBand(*cfg.mask_band)
     if cfg.confidence_weight < 0:
         raise ValueError(f"confidence_weight must be >= 0, got {cfg.confidence_weight}")
-    examples = [e for e in data.sft_examples(cfg.data, tok) if _fits(e.prompt, cfg.seq_len, settings.block_size)]
-    if len(examples) < 2:
-        raise data.DataError(f"{cfg.data}: fewer than 2 examples with a prompt shorter than seq_len - block_size")
-    held_out, examples = examples[-max(1, len(examples) // 20):], examples[: -max(1, len(examples) // 20)]
+    held_out, examples = _split_held_out(data.sft_examples(cfg.data, tok), cfg.data, cfg.seq_len,
+                                         settings.block_size)
     tp = cfg.trainer.tensor_parallel
     parallel.init(tp, cfg.trainer.seed)
     model, hf_cfg = _load(cfg.init_from, tp)
 
-    def noised(chosen: list[Example], g: torch.Generator):
-        ids, response, doc_ids = data.response_batch([(e.prompt, e.response) for e in chosen], cfg.seq_len,
-                                                     settings.block_size, eos)
-        return parallel.broadcast_noise(make_diffusion_batch(ids, doc_ids, settings.block_size, "bdlm",
-                                                             settings.mask_token_id, band, g, maskable=response))
+    def noised(chosen: list[Example], g: torch.Generator) -> DiffusionBatch:
+        return _noised_responses([(e.prompt, e.response) for e in chosen], cfg.seq_len, settings, band, g)
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         batch = noised([examples[i] for i in torch.randint(0, len(examples), (cfg.batch_size,), generator=g)], g)
@@ -259,7 +266,7 @@ def sft(cfg: SFTConfig) -> Path:
 
 def dpo(cfg: DPOConfig) -> Path:
     """DPO on the ELBO (Eq. 7-8) against a frozen copy of the starting model."""
-    settings, tok, eos = _sft_like_setup(cfg.init_from, cfg.seq_len)
+    settings, tok = _sft_like_setup(cfg.init_from, cfg.seq_len)
     band = MaskBand(*cfg.mask_band)
     lr = cfg.lr
     if lr is None:
@@ -268,24 +275,17 @@ def dpo(cfg: DPOConfig) -> Path:
             raise ValueError(f"dpo.lr is not set and {state} (the SFT run's final learning rate) does not exist")
         lr = json.loads(state.read_text())["final_lr"]
     trainer = replace(cfg.trainer, lr=lr)
-    prefs = [p for p in data.preference_examples(cfg.data, tok) if _fits(p.prompt, cfg.seq_len, settings.block_size)]
-    if len(prefs) < 2:
-        raise data.DataError(f"{cfg.data}: fewer than 2 examples with a prompt shorter than seq_len - block_size")
-    held_out, prefs = prefs[-max(1, len(prefs) // 20):], prefs[: -max(1, len(prefs) // 20)]
+    held_out, prefs = _split_held_out(data.preference_examples(cfg.data, tok), cfg.data, cfg.seq_len,
+                                      settings.block_size)
     tp = cfg.trainer.tensor_parallel
     parallel.init(tp, cfg.trainer.seed)
     policy, hf_cfg = _load(cfg.init_from, tp)
     reference, _ = _load(cfg.init_from, tp)
     reference.eval().requires_grad_(False)
 
-    def noised(pairs, g):
-        ids, response, doc_ids = data.response_batch(pairs, cfg.seq_len, settings.block_size, eos)
-        return parallel.broadcast_noise(make_diffusion_batch(ids, doc_ids, settings.block_size, "bdlm",
-                                                             settings.mask_token_id, band, g, maskable=response))
-
     def pair_loss(picks: list[data.Preference], g: torch.Generator) -> torch.Tensor:
-        chosen = noised([(p.prompt, p.chosen) for p in picks], g)
-        rejected = noised([(p.prompt, p.rejected) for p in picks], g)
+        chosen = _noised_responses([(p.prompt, p.chosen) for p in picks], cfg.seq_len, settings, band, g)
+        rejected = _noised_responses([(p.prompt, p.rejected) for p in picks], cfg.seq_len, settings, band, g)
         return objectives.dpo_objective(policy, reference, chosen, rejected, cfg.beta)
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
