@@ -27,7 +27,7 @@ from blockdiff.train import OptimConfig, heldout_accuracy, train_ar, train_wsd
 # phase_steps: each WSD phase's token budget in training steps (Stable gets twice that). max_tokens: the most tokens
 # generated per prompt; each request stops at the block boundary at or below it, so no block is cut.
 SCALES = {
-    "default": dict(vocab=2048, seq_len=256, ar_steps=600, phase_steps=50, batch=8, prompts=8, max_tokens=64),
+    "default": dict(vocab=2048, seq_len=256, ar_steps=500, phase_steps=50, batch=8, prompts=8, max_tokens=64),
     "quick": dict(vocab=512, seq_len=64, ar_steps=30, phase_steps=3, batch=4, prompts=2, max_tokens=16),
 }
 

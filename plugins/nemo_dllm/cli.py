@@ -89,7 +89,7 @@ def tiny_merge(run_dir: str = "runs/nemo/dpo", out_dir: str = "runs/nemo/merged"
 
 @run.cli.factory(target=pipeline, name="tiny")
 def tiny_pipeline(init_from: str = "runs/demo/ar-base", out_dir: str = "runs/nemo") -> run.Partial:
-    """The README's main job: about 7 minutes on 2 CPU cores after the AR base."""
+    """The README's main job: about 8 minutes on 2 CPU cores after the AR base."""
     trainer = dict(lr=1e-3, warmup_steps=3, save_every=20)
     return run.Partial(pipeline, config=run.Config(
         PipelineConfig,
@@ -97,9 +97,9 @@ def tiny_pipeline(init_from: str = "runs/demo/ar-base", out_dir: str = "runs/nem
                        warmup_tokens=8 * 256 * 16, stable_tokens=8 * 256 * 32, decay_tokens=8 * 256 * 16,
                        trainer=run.Config(TrainerConfig, lr=2e-3, warmup_steps=5, save_every=100)),
         sft=run.Config(SFTConfig, init_from=f"{out_dir}/wsd_cpt/hf", out_dir=f"{out_dir}/sft", batch_size=8,
-                       trainer=run.Config(TrainerConfig, max_steps=40, **trainer)),
+                       trainer=run.Config(TrainerConfig, max_steps=30, **trainer)),
         cap=run.Config(SFTConfig, init_from=f"{out_dir}/wsd_cpt/hf", out_dir=f"{out_dir}/cap", batch_size=8,
-                       confidence_weight=2.0, trainer=run.Config(TrainerConfig, max_steps=40, **trainer)),
+                       confidence_weight=2.0, trainer=run.Config(TrainerConfig, max_steps=30, **trainer)),
         dpo=run.Config(DPOConfig, init_from=f"{out_dir}/cap/hf", out_dir=f"{out_dir}/dpo", batch_size=4,
                        trainer=run.Config(TrainerConfig, max_steps=20, warmup_steps=2, save_every=5)),
         merge=run.Config(MergeConfig, run_dir=f"{out_dir}/dpo", out_dir=f"{out_dir}/merged", top_k=2)))
