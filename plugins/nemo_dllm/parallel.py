@@ -5,11 +5,18 @@ every tensor-parallel shard computes its part of the same sample."""
 from __future__ import annotations
 
 import os
+import socket
 import torch
 import torch.distributed as dist
 
 from blockdiff.batches import DiffusionBatch
 from nemo_dllm import cpu_compat
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init(tp_size: int, seed: int) -> int:
@@ -20,13 +27,13 @@ def init(tp_size: int, seed: int) -> int:
 
     cpu_compat.apply()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)),
-                                world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        if "MASTER_ADDR" in os.environ:  # launched by torchrun
+            dist.init_process_group(backend)
+        else:  # one local process: a free port, and nothing exported that child processes would inherit
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     world = dist.get_world_size()
     if world % tp_size:
         raise ValueError(f"tensor_parallel={tp_size} does not divide the {world} processes")
