@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from blockdiff.models.llada2_moe import (LLADA2_EOS_TOKEN_ID, LLADA2_MASK_TOKEN_ID, LLaDA2MoeConfig,
+                                         LLaDA2MoeDecoder, tiny_llada2_config)
 from blockdiff.models.qwen3 import DenseConfig, DenseDecoder
 
 # config.json `architectures` -> (implementation, is block diffusion)
@@ -22,6 +24,7 @@ ARCHITECTURES: dict[str, tuple[type, bool]] = {
     "LlamaForCausalLM": (DenseDecoder, False),
     "Qwen3BlockDiffusionForCausalLM": (DenseDecoder, True),
     "LlamaBlockDiffusionForCausalLM": (DenseDecoder, True),
+    "LLaDA2MoeModelLM": (LLaDA2MoeDecoder, True),
 }
 BLOCK_DIFFUSION_ARCH = {"Qwen3ForCausalLM": "Qwen3BlockDiffusionForCausalLM",
                         "LlamaForCausalLM": "LlamaBlockDiffusionForCausalLM"}
@@ -51,6 +54,9 @@ class BlockDiffusionSettings:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "BlockDiffusionSettings":
         section = cfg.get("block_diffusion")
+        if section is None and (cfg.get("architectures") or [None])[0] == "LLaDA2MoeModelLM":
+            # the public LLaDA2.0 checkpoints predate this section; their model cards give these
+            return cls(mask_token_id=LLADA2_MASK_TOKEN_ID, eos_token_ids=(LLADA2_EOS_TOKEN_ID,))
         if section is None:
             raise ValueError("config.json has no `block_diffusion` section: this is not a block-diffusion checkpoint")
         return cls(**{**section, "eos_token_ids": tuple(section["eos_token_ids"])})
@@ -68,7 +74,7 @@ def build_model(cfg: dict[str, Any]) -> torch.nn.Module:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
     impl, _ = ARCHITECTURES[arch]
-    return impl(DenseConfig.from_hf(cfg))
+    return impl(impl.config_class.from_hf(cfg))
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -80,7 +86,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[to
     for f in sorted(path.glob("*.safetensors")):
         weights.update(load_file(f))
     if cfg.get("tie_word_embeddings"):
-        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+        embed = next(k for k in ("model.embed_tokens.weight", "model.word_embeddings.weight") if k in weights)
+        weights.setdefault("lm_head.weight", weights[embed])
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match {cfg['architectures'][0]}: missing {missing[:5]}, "
@@ -144,5 +151,6 @@ def init_weights(model: torch.nn.Module, seed: int, std: float = 0.02) -> torch.
     return model
 
 
-__all__ = ["ARCHITECTURES", "BlockDiffusionSettings", "DenseConfig", "DenseDecoder", "build_model", "init_weights",
-           "load_model", "read_config", "save_model", "save_weights", "tiny_dense_config", "with_block_diffusion"]
+__all__ = ["ARCHITECTURES", "BlockDiffusionSettings", "DenseConfig", "DenseDecoder", "LLaDA2MoeConfig",
+           "LLaDA2MoeDecoder", "build_model", "init_weights", "load_model", "read_config", "save_model", "save_weights",
+           "tiny_dense_config", "tiny_llada2_config", "with_block_diffusion"]

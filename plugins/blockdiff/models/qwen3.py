@@ -115,6 +115,8 @@ class Backbone(nn.Module):
 class DenseDecoder(nn.Module):
     """`model.*` and `lm_head` as in Hugging Face's Qwen3ForCausalLM / LlamaForCausalLM."""
 
+    config_class = DenseConfig
+
     def __init__(self, cfg: DenseConfig) -> None:
         super().__init__()
         self.cfg = cfg

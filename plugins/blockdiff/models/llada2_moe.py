@@ -1,0 +1,238 @@
+"""LLaDA2.0's MoE decoder (`LLaDA2MoeModelLM`, the layout of LLaDA2.0-mini/flash), with the public checkpoints'
+weight names.
+
+Layout: fused QKV, RMSNorm on q and k per head before a partial RoPE (the first `partial_rotary_factor` of each head,
+half-split layout), the first `first_k_dense_replace` layers dense, the rest a sigmoid router with an expert bias used
+for selection only, group-limited top-k (a group's score is the sum of its two best biased scores), top-k weights
+renormalised and scaled by `routed_scaling_factor`, plus an always-on shared expert; untied head. The forward takes an
+explicit attention mask like the dense reference, so the same decoders and oracle run it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask
+
+from blockdiff.models.layers import KVCache, RMSNorm, apply_rope, attention, rope_cos_sin
+
+# LLaDA2.0-mini/flash model cards: the tokens a checkpoint without a `block_diffusion` section decodes with.
+LLADA2_MASK_TOKEN_ID = 156895
+LLADA2_EOS_TOKEN_ID = 156892
+
+
+@dataclass(frozen=True)
+class LLaDA2MoeConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    num_shared_experts: int
+    moe_intermediate_size: int
+    n_group: int
+    topk_group: int
+    first_k_dense_replace: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    partial_rotary_factor: float = 0.5
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 600000.0
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_experts % self.n_group:
+            raise ValueError(f"num_experts {self.num_experts} is not divisible by n_group {self.n_group}")
+        if not 0 < self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
+        if self.num_experts_per_tok > self.topk_group * self.num_experts // self.n_group:
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} exceeds the experts of "
+                             f"{self.topk_group} groups")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "LLaDA2MoeConfig":
+        for key, wanted in (("score_function", "sigmoid"), ("hidden_act", "silu")):
+            if cfg.get(key, wanted) != wanted:
+                raise ValueError(f"LLaDA2MoeModelLM needs {key}={wanted!r}, config has {cfg[key]!r}")
+        for key in ("use_bias", "use_qkv_bias"):
+            if cfg.get(key):
+                raise ValueError(f"LLaDA2MoeModelLM reference has no biases, config sets {key}=true")
+        rope = cfg.get("rope_parameters") or {}
+        names = [f.name for f in cls.__dataclass_fields__.values()]
+        values = {k: cfg[k] for k in names if k in cfg}
+        values["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta", 600000.0))
+        values.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+        return cls(**values)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLaDA2MoeConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        d = cfg.head_dim
+        self.sizes = [cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d]
+        self.query_key_value = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=False)
+        self.query_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.key_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.dense = nn.Linear(cfg.num_attention_heads * d, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask, positions: Tensor,
+                cache: KVCache | None, rows: Tensor | None, kv_len: int) -> Tensor:
+        b, s, _ = x.shape
+        d = self.cfg.head_dim
+        q, k, v = self.query_key_value(x).split(self.sizes, dim=-1)
+        q = apply_rope(self.query_layernorm(q.view(b, s, -1, d)).transpose(1, 2), cos, sin)
+        k = apply_rope(self.key_layernorm(k.view(b, s, -1, d)).transpose(1, 2), cos, sin)
+        v = v.view(b, s, -1, d).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, rows, positions, k, v, kv_len)
+        out = attention(q, k, v, mask)
+        return self.dense(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """`mlp.gate`: sigmoid scores; the expert bias steers which experts are chosen but not their weights."""
+
+    def __init__(self, cfg: LLaDA2MoeConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [tokens, hidden] -> (expert ids [tokens, k], weights [tokens, k])."""
+        cfg = self.cfg
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        biased = scores + self.expert_bias.float()
+        grouped = biased.view(len(x), cfg.n_group, -1)
+        best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(cfg.topk_group, dim=-1).indices
+        keep = torch.zeros(len(x), cfg.n_group, dtype=torch.bool, device=x.device)
+        keep[torch.arange(len(x))[:, None], best_groups] = True
+        biased = biased.masked_fill(~keep.repeat_interleave(cfg.num_experts // cfg.n_group, dim=1), float("-inf"))
+        experts = biased.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return experts, weights * cfg.routed_scaling_factor
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: LLaDA2MoeConfig) -> None:
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        experts, weights = self.gate(x)
+        out = self.shared_experts(x)
+        for e in experts.unique().tolist():
+            token, slot = (experts == e).nonzero(as_tuple=True)
+            out = out.index_add(0, token, self.experts[e](x[token]) * weights[token, slot, None].to(x.dtype))
+        return out.view(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLaDA2MoeConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        dense = layer < cfg.first_k_dense_replace
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size) if dense else MoE(cfg)
+
+    def forward(self, x: Tensor, *attn_args) -> Tensor:
+        x = x + self.attention(self.input_layernorm(x), *attn_args)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: LLaDA2MoeConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LLaDA2MoeDecoder(nn.Module):
+    """`model.*` and `lm_head` as in the LLaDA2.0 safetensors; same call signature as `DenseDecoder`."""
+
+    config_class = LLaDA2MoeConfig
+
+    def __init__(self, cfg: LLaDA2MoeConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.word_embeddings.weight
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.cfg.num_key_value_heads
+
+    def new_cache(self, rows: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        dtype = dtype or self.lm_head.weight.dtype
+        return KVCache(self.cfg.num_hidden_layers, rows, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim,
+                       dtype, self.lm_head.weight.device)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.word_embeddings(input_ids)
+
+    def forward(self, input_ids: Tensor | None, positions: Tensor, mask: Tensor | BlockMask,
+                cache: KVCache | None = None, rows: Tensor | None = None, kv_len: int | None = None,
+                inputs_embeds: Tensor | None = None) -> Tensor:
+        """As `DenseDecoder.forward`: logits [batch, seq, vocab] under an explicit mask, optionally over a cache."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        cos, sin = rope_cos_sin(positions, self.cfg.rotary_dim, self.cfg.rope_theta, x.dtype)
+        if isinstance(mask, Tensor) and mask.dim() == 3:
+            mask = mask[:, None]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, positions, cache, rows, kv_len)
+        return self.lm_head(self.model.norm(x))
+
+
+def tiny_llada2_config(vocab_size: int, mask_token_id: int, eos_token_id: int, hidden_size: int = 64,
+                       num_hidden_layers: int = 3, num_experts: int = 8, n_group: int = 4, topk_group: int = 2,
+                       num_experts_per_tok: int = 2) -> dict[str, Any]:
+    """A config.json for a tiny `LLaDA2MoeModelLM`, with the public checkpoints' keys (LLaDA2.0-mini's shape,
+    scaled down)."""
+    return {
+        "architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "dtype": "float32",
+        "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_hidden_layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "num_experts": num_experts, "num_experts_per_tok": num_experts_per_tok, "num_shared_experts": 1,
+        "moe_intermediate_size": hidden_size // 2, "n_group": n_group, "topk_group": topk_group,
+        "first_k_dense_replace": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": True, "score_function": "sigmoid",
+        "moe_router_enable_expert_bias": True, "router_dtype": "fp32", "use_qk_norm": True, "use_rmsnorm": True,
+        "partial_rotary_factor": 0.5, "rope_theta": 600000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "use_bias": False, "use_qkv_bias": False, "tie_word_embeddings": False, "max_position_embeddings": 4096,
+        "embedding_dropout": 0.0, "output_dropout": 0.0, "eos_token_id": eos_token_id, "pad_token_id": eos_token_id,
+        "block_diffusion": {"mask_token_id": mask_token_id, "eos_token_ids": [eos_token_id], "block_size": 32,
+                            "threshold": 0.95, "fallback_k": 1},
+    }
