@@ -72,3 +72,42 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask) -> Tens
     if isinstance(mask, BlockMask):
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+class DecoderShell(nn.Module):
+    """What the reference decoders share around their layers: `model.layers`, `model.norm`, `lm_head`, the cache and
+    the forward. Subclasses build `self.model` (with its embedding) and say which parameter embeds tokens."""
+
+
+    def _init_head(self, embedding: nn.Embedding) -> None:
+        self.lm_head = nn.Linear(self.cfg.hidden_size, self.cfg.vocab_size, bias=False)
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = embedding.weight
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.cfg.num_key_value_heads
+
+    def new_cache(self, rows: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        dtype = dtype or self.lm_head.weight.dtype
+        return KVCache(self.cfg.num_hidden_layers, rows, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim,
+                       dtype, self.lm_head.weight.device)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, input_ids: Tensor | None, positions: Tensor, mask: Tensor | BlockMask,
+                cache: KVCache | None = None, rows: Tensor | None = None, kv_len: int | None = None,
+                inputs_embeds: Tensor | None = None) -> Tensor:
+        """Logits [batch, seq, vocab] for `input_ids` (or `inputs_embeds`) at `positions` [batch, seq].
+
+        Without a cache the keys are this forward's own tokens. With a cache, the tokens' KV is written at slots =
+        positions in cache rows `rows`, and keys are slots [0, kv_len) of those rows; `mask` is [batch, 1, seq, kv_len].
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        cos, sin = rope_cos_sin(positions, self.cfg.rotary_dim, self.cfg.rope_theta, x.dtype)
+        if isinstance(mask, Tensor) and mask.dim() == 3:
+            mask = mask[:, None]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, positions, cache, rows, kv_len)
+        return self.lm_head(self.model.norm(x))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from blockdiff.models.layers import KVCache, RMSNorm, apply_rope, attention, rope_cos_sin
+from blockdiff.models.layers import DecoderShell, KVCache, RMSNorm, apply_rope, attention
 
 # LLaDA2.0-mini/flash model cards: the tokens a checkpoint without a `block_diffusion` section decodes with.
 LLADA2_MASK_TOKEN_ID = 156895
@@ -179,7 +179,7 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class LLaDA2MoeDecoder(nn.Module):
+class LLaDA2MoeDecoder(DecoderShell):
     """`model.*` and `lm_head` as in the LLaDA2.0 safetensors; same call signature as `DenseDecoder`."""
 
     config_class = LLaDA2MoeConfig
@@ -188,33 +188,10 @@ class LLaDA2MoeDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.word_embeddings.weight
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.cfg.num_key_value_heads
-
-    def new_cache(self, rows: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        dtype = dtype or self.lm_head.weight.dtype
-        return KVCache(self.cfg.num_hidden_layers, rows, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim,
-                       dtype, self.lm_head.weight.device)
+        self._init_head(self.model.word_embeddings)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.word_embeddings(input_ids)
-
-    def forward(self, input_ids: Tensor | None, positions: Tensor, mask: Tensor | BlockMask,
-                cache: KVCache | None = None, rows: Tensor | None = None, kv_len: int | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
-        """As `DenseDecoder.forward`: logits [batch, seq, vocab] under an explicit mask, optionally over a cache."""
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = rope_cos_sin(positions, self.cfg.rotary_dim, self.cfg.rope_theta, x.dtype)
-        if isinstance(mask, Tensor) and mask.dim() == 3:
-            mask = mask[:, None]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, positions, cache, rows, kv_len)
-        return self.lm_head(self.model.norm(x))
 
 
 def tiny_llada2_config(vocab_size: int, mask_token_id: int, eos_token_id: int, hidden_size: int = 64,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from blockdiff.models.layers import KVCache, RMSNorm, apply_rope, attention, rope_cos_sin
+from blockdiff.models.layers import DecoderShell, KVCache, RMSNorm, apply_rope, attention
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ class DenseConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     qk_norm: bool = True  # Qwen3: RMSNorm on q and k per head before RoPE; Llama: none
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.head_dim
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "DenseConfig":
@@ -112,7 +116,7 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DenseDecoder(nn.Module):
+class DenseDecoder(DecoderShell):
     """`model.*` and `lm_head` as in Hugging Face's Qwen3ForCausalLM / LlamaForCausalLM."""
 
     config_class = DenseConfig
@@ -121,34 +125,7 @@ class DenseDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.cfg.num_key_value_heads
-
-    def new_cache(self, rows: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        dtype = dtype or self.lm_head.weight.dtype
-        return KVCache(self.cfg.num_hidden_layers, rows, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim,
-                       dtype, self.lm_head.weight.device)
+        self._init_head(self.model.embed_tokens)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_tokens(input_ids)
-
-    def forward(self, input_ids: Tensor | None, positions: Tensor, mask: Tensor | BlockMask,
-                cache: KVCache | None = None, rows: Tensor | None = None, kv_len: int | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
-        """Logits [batch, seq, vocab] for `input_ids` (or `inputs_embeds`) at `positions` [batch, seq].
-
-        Without a cache the keys are this forward's own tokens. With a cache, the tokens' KV is written at slots =
-        positions in cache rows `rows`, and keys are slots [0, kv_len) of those rows; `mask` is [batch, 1, seq, kv_len].
-        """
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        if isinstance(mask, Tensor) and mask.dim() == 3:
-            mask = mask[:, None]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, positions, cache, rows, kv_len)
-        return self.lm_head(self.model.norm(x))
