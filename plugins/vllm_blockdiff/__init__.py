@@ -1,6 +1,26 @@
-"""vLLM plugin serving block-diffusion models (issue #3). Loaded through the `vllm.general_plugins` entry point."""
+"""vLLM plugin serving block-diffusion models (issue #3), loaded through the `vllm.general_plugins` entry point.
+
+Loading it registers the architectures and the `llada2_moe` config type, and puts a block-causal aware CPU attention
+backend in place (it behaves exactly like vLLM's own for every other model). Decoding itself is switched on by running
+with this plugin's scheduler and worker: `blockdiff-vllm-serve` (server) or `vllm_blockdiff.engine_kwargs()` (offline).
+"""
+
+from vllm_blockdiff.engine import engine_kwargs
 
 
 def register() -> None:
-    """Entry point of `vllm.general_plugins`. The model and runner registrations land with issue #3; until then
-    loading the plugin changes nothing in vLLM."""
+    """Entry point of `vllm.general_plugins`; vLLM runs it in every process it starts."""
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    from vllm_blockdiff.config import LLaDA2MoeConfig
+
+    AutoConfig.register(LLaDA2MoeConfig.model_type, LLaDA2MoeConfig, exist_ok=True)
+    for arch in ("Qwen3BlockDiffusionForCausalLM", "LlamaBlockDiffusionForCausalLM", "LLaDA2MoeModelLM"):
+        if arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch, f"vllm_blockdiff.models:{arch}")
+    register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_blockdiff.attention.BlockCausalCPUAttentionBackend")
+
+
+__all__ = ["engine_kwargs", "register"]

@@ -1,0 +1,101 @@
+"""vLLM's CPU model runner, running block-diffusion denoising steps.
+
+Each request scheduled with a canvas (`vllm_blockdiff.scheduler`) gets one denoising step from the forward vLLM runs
+anyway: before it, the canvas positions' input ids are set to the block's current state (committed tokens, mask
+elsewhere); after it, the block's logits go through the core's `BlockState` (rules 2-6 of DECODING.md, never
+re-derived here), and when a block fills, its generated tokens leave as that step's sampled tokens, which vLLM's own
+stop checks then cut at EOS or max_tokens exactly as the reference does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import torch
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+from blockdiff.decoding import BlockState, DecodeParams
+from vllm_blockdiff.config import block_diffusion_settings
+from vllm_blockdiff.params import request_decode_options
+
+PLACEHOLDER = -1  # vLLM's padding id in sampled-token rows; dropped by its output parsing
+RECORD_ENV = "VLLM_BLOCKDIFF_RECORD"  # "1": keep each denoising step's (positions, input ids, logits) for tests
+
+
+class BlockDiffusionModelRunner(CPUModelRunner):
+    def __init__(self, vllm_config, device: torch.device) -> None:
+        super().__init__(vllm_config, device)
+        self.settings = block_diffusion_settings(vllm_config.model_config.hf_config)
+        self.block_states: dict[str, BlockState] = {}
+        self.committed_this_step: dict[str, list[int]] = {}
+        self.records: list[dict] | None = [] if os.environ.get(RECORD_ENV) == "1" else None
+
+    def _block_state(self, req_id: str) -> BlockState:
+        state = self.block_states.get(req_id)
+        req = self.requests[req_id]
+        if state is None:
+            sp = req.sampling_params
+            options = request_decode_options(sp.extra_args, self.settings)
+            params = DecodeParams(max_tokens=sp.max_tokens, block_size=self.settings.block_size,
+                                  threshold=options.threshold, fallback_k=options.fallback_k,
+                                  temperature=sp.temperature, seed=sp.seed or 0)
+            state = self.block_states[req_id] = BlockState(list(req.prompt_token_ids), params,
+                                                           self.settings.mask_token_id, self.settings.eos_token_ids)
+        b = self.settings.block_size
+        if state.block_start != req.num_tokens // b * b:
+            raise RuntimeError(f"request {req_id}: runner block at {state.block_start} but vLLM holds "
+                               f"{req.num_tokens} committed tokens")
+        return state
+
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        for req_id in scheduler_output.finished_req_ids:
+            self.block_states.pop(req_id, None)
+        canvases = {}
+        for req_id in scheduler_output.scheduled_spec_decode_tokens:
+            state = self._block_state(req_id)
+            canvases[req_id] = state.block[self.requests[req_id].num_tokens - state.block_start:].tolist()
+        scheduler_output = replace(scheduler_output, scheduled_spec_decode_tokens=canvases)
+        return super().execute_model(scheduler_output, intermediate_tensors)
+
+    @torch.inference_mode()
+    def sample_tokens(self, grammar_output):
+        if self.execute_model_state is not None:
+            self.committed_this_step = self._denoise(self.execute_model_state.scheduler_output,
+                                                     self.execute_model_state.hidden_states)
+        return super().sample_tokens(grammar_output)
+
+    def _denoise(self, scheduler_output, hidden_states: torch.Tensor) -> dict[str, list[int]]:
+        """One denoising step for every request that carried a canvas; returns the tokens of blocks that filled."""
+        b = self.settings.block_size
+        committed, offset = {}, 0
+        for index, req_id in enumerate(self.input_batch.req_ids):
+            n = scheduler_output.num_scheduled_tokens[req_id]
+            if req_id in scheduler_output.scheduled_spec_decode_tokens:
+                state = self.block_states[req_id]
+                first = offset + state.block_start - int(self.input_batch.num_computed_tokens_cpu[index])
+                logits = self.model.compute_logits(hidden_states[first: first + b]).float()
+                if self.records is not None:
+                    self.records.append({"req_id": req_id, "block_start": state.block_start,
+                                         "input_ids": state.block.tolist(), "logits": logits.clone()})
+                if state.step(logits):
+                    before = len(state.output)
+                    if state.finish_block():
+                        state.next_block()
+                    committed[req_id] = state.output[before:]
+            offset += n
+        return committed
+
+    def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
+        """The committed blocks as this step's sampled tokens (vLLM's sampler has nothing to sample here)."""
+        committed, self.committed_this_step = self.committed_this_step, {}
+        width = max([2] + [len(t) for t in committed.values()])  # >= 2: vLLM parses variable-length rows then
+        rows = torch.full((self.input_batch.num_reqs, width), PLACEHOLDER, dtype=torch.int32)
+        for req_id, tokens in committed.items():
+            rows[self.input_batch.req_id_to_index[req_id], : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
+        return SamplerOutput(sampled_token_ids=rows, logprobs_tensors=None)
+
+    def take_records(self) -> list[dict]:
+        records, self.records = self.records or [], [] if self.records is not None else None
+        return records

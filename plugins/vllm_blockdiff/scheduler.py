@@ -1,0 +1,91 @@
+"""vLLM's scheduler, scheduling block diffusion.
+
+A request's tokens are its prompt plus its committed output; the block being denoised (the "canvas": the prompt's
+tail, committed and still-masked positions, up to the next block boundary) rides on vLLM's speculative-token fields,
+so the stock scheduler gives it KV slots and schedules it with the request. Three changes make that block diffusion:
+
+- every scheduled span ends at a block boundary or at the end of what is known (`_mamba_block_aligned_split`, the
+  scheduler's own alignment hook): a prefill chunk never ends mid-block, and a canvas is scheduled whole or not at all;
+- after each step a request's computed tokens fall back to the last block boundary among its committed tokens
+  (`update_from_output`): the canvas' KV is scratch, rewritten by the next step, and a finished block's KV becomes
+  final in the step after it is committed (that forward is fused with the next block's first denoising step);
+- the output carries the reference accounting (`denoise_forwards`, `nfe`, `tpf`) when a request finishes.
+
+The model runner (`vllm_blockdiff.model_runner`) decides what the canvas holds and what is committed.
+"""
+
+from __future__ import annotations
+
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+
+from vllm_blockdiff.config import block_diffusion_settings
+
+ACCOUNTING_KEY = "block_diffusion"
+
+
+class BlockDiffusionScheduler(Scheduler):
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        settings = block_diffusion_settings(vllm_config.model_config.hf_config)
+        self.diffusion_block = settings.block_size
+        self.mask_token_id = settings.mask_token_id
+        self.eos_token_ids = list(settings.eos_token_ids)
+        if self.cache_config.enable_prefix_caching:
+            raise ValueError("block diffusion needs --no-enable-prefix-caching: a cached prefix block's KV would be "
+                             "reused across requests at positions this scheduler rolls back")
+        self.num_sampled_tokens_per_step = 0  # a step appends committed blocks, not one sampled token
+        self.need_mamba_block_aligned_split = True  # the alignment hook, used here for diffusion blocks
+        self.accounting: dict[str, list[int]] = {}  # request id -> [denoise_forwards, nfe, output tokens]
+
+    def add_request(self, request: Request) -> None:
+        params = request.sampling_params
+        if params is not None:  # the checkpoint's EOS ids end a request whatever the tokenizer calls EOS
+            params.stop_token_ids = sorted(set(params.stop_token_ids or []) | set(self.eos_token_ids))
+        self.accounting.setdefault(request.request_id, [0, 0, 0])
+        super().add_request(request)
+
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        b = self.diffusion_block
+        for request in self.running:
+            canvas_end = (request.num_tokens // b + 1) * b
+            request.spec_token_ids = [self.mask_token_id] * (canvas_end - request.num_tokens)
+        return super().schedule(throttle_prefills)
+
+    def _mamba_block_aligned_split(self, request: Request, num_new_tokens: int,
+                                   num_new_local_computed_tokens: int = 0, num_external_computed_tokens: int = 0
+                                   ) -> int:
+        start = request.num_computed_tokens + num_new_local_computed_tokens + num_external_computed_tokens
+        end = start + num_new_tokens
+        if end == request.num_tokens_with_spec:
+            return num_new_tokens
+        return max(end // self.diffusion_block * self.diffusion_block - start, 0)
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput):
+        committed_before = {rid: self.requests[rid].num_tokens
+                            for rid in scheduler_output.num_scheduled_tokens if rid in self.requests}
+        for rid in committed_before:
+            counts = self.accounting.setdefault(rid, [0, 0, 0])
+            counts[1] += 1
+            counts[0] += rid in scheduler_output.scheduled_spec_decode_tokens
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        b = self.diffusion_block
+        for rid, committed in committed_before.items():
+            request = self.requests.get(rid)
+            if request is not None and not request.is_finished():
+                request.num_computed_tokens = min(request.num_computed_tokens, committed // b * b)
+        for engine_outputs in outputs.values():
+            for out in engine_outputs.outputs:
+                counts = self.accounting.get(out.request_id)
+                if counts is None:
+                    continue
+                counts[2] += len(out.new_token_ids)
+                if out.finish_reason is not None:
+                    denoise, nfe, tokens = self.accounting.pop(out.request_id)
+                    out.kv_transfer_params = {**(out.kv_transfer_params or {}), ACCOUNTING_KEY: {
+                        "denoise_forwards": denoise, "nfe": nfe, "tpf": tokens / denoise if denoise else 0.0}}
+        for rid in [rid for rid in self.accounting if rid not in self.requests]:
+            del self.accounting[rid]
+        return outputs
