@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 
 from blockdiff.data import save_tokenizer, train_tokenizer
-from blockdiff.models import build_model, init_weights, save_model, tiny_dense_config
+from blockdiff.models import BlockDiffusionSettings, build_model, init_weights, read_config, save_model, \
+    tiny_dense_config, tiny_llada2_config, with_block_diffusion
 
 
 def make_tiny_ar_model(path: Path) -> torch.nn.Module:
@@ -27,3 +28,22 @@ def greedy_ar(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> lis
         logits = model(torch.tensor([ids]), torch.arange(n)[None], torch.ones(n, n, dtype=torch.bool).tril()[None])
         ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def make_tiny_blockdiff_model(path: Path, arch: str, eos_token_ids: tuple[int, ...] = (0,),
+                              block_size: int = 32) -> torch.nn.Module:
+    """A random block-diffusion model ("dense": the 2-layer Qwen3 above; "llada2": a 3-layer LLaDA2MoeModelLM with 8
+    experts) over the same tokenizer (EOS 0, mask 1), written as an HF directory at `path`."""
+    settings = BlockDiffusionSettings(mask_token_id=1, eos_token_ids=tuple(eos_token_ids), block_size=block_size)
+    if arch == "dense":
+        model = make_tiny_ar_model(path)
+        cfg = with_block_diffusion(read_config(path), settings)
+    elif arch == "llada2":
+        make_tiny_ar_model(path)  # for its tokenizer
+        cfg = tiny_llada2_config(vocab_size=read_config(path)["vocab_size"], mask_token_id=1, eos_token_id=0)
+        cfg["block_diffusion"] = settings.to_config()
+        model = init_weights(build_model(cfg), 0, std=0.2)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}")
+    save_model(model, cfg, path)
+    return model.eval()

@@ -21,7 +21,7 @@ from vllm_blockdiff.config import block_diffusion_settings
 from vllm_blockdiff.params import request_decode_options
 
 PLACEHOLDER = -1  # vLLM's padding id in sampled-token rows; dropped by its output parsing
-RECORD_ENV = "VLLM_BLOCKDIFF_RECORD"  # "1": keep each denoising step's (positions, input ids, logits) for tests
+RECORD_ENV = "VLLM_BLOCKDIFF_RECORD"  # "1": keep every denoising step's inputs and logits, to verify them
 
 
 class BlockDiffusionModelRunner(CPUModelRunner):
@@ -77,8 +77,8 @@ class BlockDiffusionModelRunner(CPUModelRunner):
                 first = offset + state.block_start - int(self.input_batch.num_computed_tokens_cpu[index])
                 logits = self.model.compute_logits(hidden_states[first: first + b]).float()
                 if self.records is not None:
-                    self.records.append({"req_id": req_id, "block_start": state.block_start,
-                                         "input_ids": state.block.tolist(), "logits": logits.clone()})
+                    self.records.append({"context": list(state.committed), "block": state.block.tolist(),
+                                         "logits": logits.clone()})
                 if state.step(logits):
                     before = len(state.output)
                     if state.finish_block():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from unittest import mock
 
+import torch
+
 from vllm.v1.worker import cpu_worker
 
 from vllm_blockdiff.model_runner import BlockDiffusionModelRunner
@@ -17,6 +19,9 @@ class BlockDiffusionWorker(cpu_worker.CPUWorker):
         with mock.patch.object(cpu_worker, "CPUModelRunner", BlockDiffusionModelRunner):
             super().init_device()
 
-    def take_records(self) -> list[dict]:
-        """The runner's recorded denoising steps (see model_runner.RECORD_ENV), for `LLM.collective_rpc`."""
-        return self.model_runner.take_records()
+    def save_records(self, path: str) -> int:
+        """Write the runner's recorded denoising steps (see model_runner.RECORD_ENV) to `path` with torch.save and
+        forget them; for `LLM.collective_rpc("save_records", args=(path,))`. Returns how many there were."""
+        records = self.model_runner.take_records()
+        torch.save(records, path)
+        return len(records)
