@@ -20,6 +20,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 EOS = "<|endoftext|>"
 MASK = "<|mask|>"
 SPECIAL_TOKENS = (EOS, MASK, "<|user|>", "<|assistant|>")
+# The chat format of the embedded tokenizer: each message as <|role|>content, then <|assistant|> to prompt a reply.
+# `render_chat` is it in Python (training data); CHAT_TEMPLATE the same in Jinja (serving stacks' chat endpoints).
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + ("<|assistant|>" if add_generation_prompt
+                                                                           else "")
 # Tests, demos and vendored trees are skipped: they are large, repetitive, and not the code people write.
 SKIPPED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "ensurepip", "turtledemo", "__pycache__",
                 "tkinter", "pydoc_data", "config-3.11-x86_64-linux-gnu"}
@@ -77,7 +86,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int) -> None
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": EOS, "mask_token": MASK,
         "additional_special_tokens": list(SPECIAL_TOKENS[2:]), "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": False,
+        "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE,
     }, indent=2) + "\n")
 
 

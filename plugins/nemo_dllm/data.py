@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from blockdiff.data import EOS, function_sft_pairs, pack_documents, special_id, stdlib_documents
+from blockdiff.data import EOS, function_sft_pairs, pack_documents, render_chat, special_id, stdlib_documents
 from blockdiff.noise import pad_to_block_multiple
 
 BUILTIN = "stdlib"  # pretraining: the standard library's files; SFT/DPO: its documented functions
@@ -75,8 +75,7 @@ def _chat_prompt(messages: list, where: str) -> tuple[str, str]:
         raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must be the assistant's, got {messages[-1]['role']!r}")
-    prompt = "".join(f"<|{m['role']}|>{m['content']}" for m in messages[:-1]) + "<|assistant|>"
-    return prompt, messages[-1]["content"]
+    return render_chat(messages[:-1], add_generation_prompt=True), messages[-1]["content"]
 
 
 def sft_examples(source: str, tok: Tokenizer) -> list[Example]:

@@ -1,7 +1,8 @@
 """vLLM plugin serving block-diffusion models (issue #3), loaded through the `vllm.general_plugins` entry point.
 
-Loading it registers the architectures and the `llada2_moe` config type, and puts a block-causal aware CPU attention
-backend in place (it behaves exactly like vLLM's own for every other model). Decoding itself is switched on by running
+Loading it registers the architectures and the `llada2_moe` config type, puts a block-causal aware CPU attention
+backend in place and adds request validation for block-diffusion models (both behave exactly like vLLM's own for
+every other model). Decoding itself is switched on by running
 with this plugin's scheduler and worker: `blockdiff-vllm-serve` (server) or `vllm_blockdiff.engine_kwargs()` (offline).
 """
 
@@ -14,6 +15,7 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    from vllm_blockdiff import validation
     from vllm_blockdiff.config import LLaDA2MoeConfig
 
     AutoConfig.register(LLaDA2MoeConfig.model_type, LLaDA2MoeConfig, exist_ok=True)
@@ -21,6 +23,7 @@ def register() -> None:
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, f"vllm_blockdiff.models:{arch}")
     register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_blockdiff.attention.BlockCausalCPUAttentionBackend")
+    validation.install()
 
 
 __all__ = ["engine_kwargs", "register"]

@@ -63,6 +63,11 @@ class BlockDiffusionScheduler(Scheduler):
             return num_new_tokens
         return max(end // self.diffusion_block * self.diffusion_block - start, 0)
 
+    def make_spec_decoding_stats(self, spec_decoding_stats, *args, **kwargs):
+        """The canvas is not a speculative draft: no acceptance statistics (vLLM's would index past its 0-token
+        draft configuration)."""
+        return spec_decoding_stats
+
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput):
         committed_before = {rid: self.requests[rid].num_tokens
                             for rid in scheduler_output.num_scheduled_tokens if rid in self.requests}

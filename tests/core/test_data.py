@@ -3,7 +3,7 @@ import torch
 from transformers import AutoTokenizer
 
 from blockdiff.data import (EOS, MASK, function_sft_pairs, humaneval_prompts, load_tokenizer, pack_documents,
-                            save_tokenizer, special_id, stdlib_documents, train_tokenizer)
+                            render_chat, save_tokenizer, special_id, stdlib_documents, train_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,9 @@ def test_tokenizer_round_trip_and_transformers_loading(docs, tmp_path):
     hf = AutoTokenizer.from_pretrained(tmp_path)
     assert hf.encode(code) == load_tokenizer(tmp_path).encode(code).ids
     assert hf.eos_token_id == 0 and hf.mask_token_id == 1
+    chat = [{"role": "user", "content": "add one"}, {"role": "assistant", "content": "x + 1"}]
+    for prompt in (True, False):  # the served chat template is the training data's chat format
+        assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt) == render_chat(chat, prompt)
     with pytest.raises(ValueError, match="no special token"):
         special_id(tok, "<|nope|>")
 
