@@ -9,7 +9,8 @@ so the stock scheduler gives it KV slots and schedules it with the request. Thre
 - after each step a request's computed tokens fall back to the last block boundary among its committed tokens
   (`update_from_output`): the canvas' KV is scratch, rewritten by the next step, and a finished block's KV becomes
   final in the step after it is committed (that forward is fused with the next block's first denoising step);
-- the output carries the reference accounting (`denoise_forwards`, `nfe`, `tpf`) when a request finishes.
+- the output carries the reference accounting (`denoise_forwards`, `nfe`, `tpf`) and the request's preemption
+  count when it finishes.
 
 The model runner (`vllm_blockdiff.model_runner`) decides what the canvas holds and what is committed.
 """
@@ -38,13 +39,13 @@ class BlockDiffusionScheduler(Scheduler):
                              "reused across requests at positions this scheduler rolls back")
         self.num_sampled_tokens_per_step = 0  # a step appends committed blocks, not one sampled token
         self.need_mamba_block_aligned_split = True  # the alignment hook, used here for diffusion blocks
-        self.accounting: dict[str, list[int]] = {}  # request id -> [denoise_forwards, nfe, output tokens]
+        self.accounting: dict[str, list[int]] = {}  # request id -> [denoise_forwards, nfe, output tokens, preemptions]
 
     def add_request(self, request: Request) -> None:
         params = request.sampling_params
         if params is not None:  # the checkpoint's EOS ids end a request whatever the tokenizer calls EOS
             params.stop_token_ids = sorted(set(params.stop_token_ids or []) | set(self.eos_token_ids))
-        self.accounting.setdefault(request.request_id, [0, 0, 0])
+        self.accounting.setdefault(request.request_id, [0, 0, 0, 0])
         super().add_request(request)
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
@@ -63,6 +64,10 @@ class BlockDiffusionScheduler(Scheduler):
             return num_new_tokens
         return max(end // self.diffusion_block * self.diffusion_block - start, 0)
 
+    def _preempt_request(self, request: Request, *args, **kwargs) -> None:
+        self.accounting.setdefault(request.request_id, [0, 0, 0, 0])[3] += 1
+        super()._preempt_request(request, *args, **kwargs)
+
     def make_spec_decoding_stats(self, spec_decoding_stats, *args, **kwargs):
         """The canvas is not a speculative draft: no acceptance statistics (vLLM's would index past its 0-token
         draft configuration)."""
@@ -72,7 +77,7 @@ class BlockDiffusionScheduler(Scheduler):
         committed_before = {rid: self.requests[rid].num_tokens
                             for rid in scheduler_output.num_scheduled_tokens if rid in self.requests}
         for rid in committed_before:
-            counts = self.accounting.setdefault(rid, [0, 0, 0])
+            counts = self.accounting.setdefault(rid, [0, 0, 0, 0])
             counts[1] += 1
             counts[0] += rid in scheduler_output.scheduled_spec_decode_tokens
         outputs = super().update_from_output(scheduler_output, model_runner_output)
@@ -88,9 +93,10 @@ class BlockDiffusionScheduler(Scheduler):
                     continue
                 counts[2] += len(out.new_token_ids)
                 if out.finish_reason is not None:
-                    denoise, nfe, tokens = self.accounting.pop(out.request_id)
+                    denoise, nfe, tokens, preemptions = self.accounting.pop(out.request_id)
                     out.kv_transfer_params = {**(out.kv_transfer_params or {}), ACCOUNTING_KEY: {
-                        "denoise_forwards": denoise, "nfe": nfe, "tpf": tokens / denoise if denoise else 0.0}}
+                        "denoise_forwards": denoise, "nfe": nfe, "tpf": tokens / denoise if denoise else 0.0,
+                        "preemptions": preemptions}}
         for rid in [rid for rid in self.accounting if rid not in self.requests]:
             del self.accounting[rid]
         return outputs

@@ -1,4 +1,5 @@
-"""vLLM's CPU worker with the block-diffusion model runner (`--worker-cls vllm_blockdiff.worker.BlockDiffusionWorker`)."""
+"""vLLM's CPU worker with the block-diffusion model runner
+(`--worker-cls vllm_blockdiff.worker.BlockDiffusionWorker`)."""
 
 from __future__ import annotations
 

@@ -2,18 +2,14 @@
 sgl_kernel shim, the torchvision fix) and serves a tiny model made by the core with the same greedy tokens."""
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from importlib.metadata import entry_points
 
 import pytest
 import torch
 
+from servers import free_port, running_server
 from tiny_models import greedy_ar, make_tiny_ar_model
 
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
@@ -41,42 +37,15 @@ def test_plugin_entry_point_is_declared():
     assert eps.get("blockdiff") == "sglang_blockdiff:register"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_ar_server(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-ar")
     model = make_tiny_ar_model(path)
-    port = _free_port()
-    log = open(path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", "--model-path", str(path), "--port",
-                             str(port), "--context-length", "256", *CPU_FLAGS], env={**os.environ, **CPU_ENV},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"sglang server exited {proc.returncode}:\n{(path / 'server.log').read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError(f"sglang server not up in 300 s:\n{(path / 'server.log').read_text()[-3000:]}")
-                time.sleep(1)
+    port = free_port()
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(path), "--port", str(port),
+           "--context-length", "256", *CPU_FLAGS]
+    with running_server(cmd, port, path / "server.log", CPU_ENV) as url:
         yield url, model
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """One vLLM engine with this plugin over a JSON job, run as a subprocess by the vLLM suite (vLLM's engine spawns
-processes, so its driver needs a main guard). Job: model dir, batches of requests, optional records path."""
+processes, so its driver needs a main guard). Job: model dir, batches of requests, optional engine arguments
+and records path."""
 
 import json
 import sys
@@ -12,7 +13,7 @@ def main(job_path: str, out_path: str) -> None:
     import vllm_blockdiff
 
     llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
-              **vllm_blockdiff.engine_kwargs())
+              **vllm_blockdiff.engine_kwargs(**job.get("engine", {})))
     results = []
     for batch in job["batches"]:
         params = [SamplingParams(temperature=r.get("temperature", 0.0), seed=r.get("seed"), max_tokens=r["max_tokens"],

@@ -64,14 +64,18 @@ def served(request, tmp_path_factory):
     (path / "config.json").write_text(json.dumps(cfg))
     singles, concurrent = request_sets(vocab, seed=len(request.param))
     job = {"model": str(path), "batches": [*singles, concurrent], "records": str(path / "records.pt")}
-    (path / "job.json").write_text(json.dumps(job))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_BLOCKDIFF_RECORD": "1"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("engine_job.py")), str(path / "job.json"),
-                           str(path / "out.json")], capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads((path / "out.json").read_text())
+    got = run_job(path, job, {"VLLM_BLOCKDIFF_RECORD": "1"})
     return {"model": model, "eos": eos, "batches": job["batches"], "got": got,
             "records": torch.load(path / "records.pt")}
+
+
+def run_job(path: Path, job: dict, env: dict[str, str] | None = None) -> list[list[dict]]:
+    (path / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("engine_job.py")), str(path / "job.json"),
+                           str(path / "out.json")], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((path / "out.json").read_text())
 
 
 def test_single_requests_match_the_reference(served):
@@ -115,3 +119,16 @@ def test_every_denoising_steps_logits_match_the_core_model(served):
             want = model(ids[None], torch.arange(n)[None], block_causal_mask(n, B)[None])[0, -B:].float()
         worst = max(worst, float((rec["logits"] - want).abs().max()))
     assert worst < 1e-4, worst
+
+
+def test_preempted_requests_still_match_the_reference(tmp_path):
+    """A KV cache of 17 pages of 32 tokens (one max-length request) for 8 requests that each grow to 3-4 pages: vLLM
+    preempts, frees and later recomputes requests mid-block; the runner keeps their block state, so outputs stay the
+    reference's."""
+    model = make_tiny_blockdiff_model(tmp_path, "dense")
+    batch = [{"prompt": [2 + i] * (20 + 5 * i), "threshold": 0.7, "max_tokens": 64} for i in range(8)]
+    got = run_job(tmp_path, {"model": str(tmp_path), "batches": [batch],
+                             "engine": {"block_size": 32, "num_gpu_blocks_override": 17}})[0]
+    assert sum(g["preemptions"] for g in got) > 0
+    want = reference(model, (0,), batch)
+    assert [{k: g[k] for k in want[0]} for g in got] == want

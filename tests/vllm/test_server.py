@@ -2,9 +2,6 @@
 same tokens as the core reference, usage and accounting fields, streaming one committed block per chunk, concurrent
 requests, and 400s that name the bad parameter. One server for the module."""
 
-import os
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -17,15 +14,10 @@ from transformers import AutoTokenizer
 
 from blockdiff.data import render_chat
 from blockdiff.decoding import DecodeParams, ReferenceDecoder
+from servers import free_port, running_server
 from tiny_models import make_tiny_blockdiff_model
 
 B, MASK, EOS = 32, 1, (0,)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,28 +25,12 @@ def server(tmp_path_factory):
     path = tmp_path_factory.mktemp("served")
     model = make_tiny_blockdiff_model(path, "dense")
     port = free_port()
-    log = open(path / "server.log", "w")
-    exe = Path(sys.executable).with_name("blockdiff-vllm-serve")
-    proc = subprocess.Popen([str(exe), str(path), "--served-model-name", "tiny", "--dtype", "float32",
-                             "--enforce-eager", "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    deadline = time.time() + 300
-    while True:
-        assert proc.poll() is None, (path / "server.log").read_text()[-4000:]
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        assert time.time() < deadline, (path / "server.log").read_text()[-4000:]
-        time.sleep(1)
-    yield {"client": openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0),
-           "model": model, "tokenizer": AutoTokenizer.from_pretrained(path)}
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    cmd = [str(Path(sys.executable).with_name("blockdiff-vllm-serve")), str(path), "--served-model-name", "tiny",
+           "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port)]
+    with running_server(cmd, port, path / "server.log", {"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        yield {"url": url, "client": client, "model": model,
+               "tokenizer": AutoTokenizer.from_pretrained(path)}
 
 
 def reference(server, prompt: list[int], max_tokens: int, threshold: float = 0.95):
@@ -128,3 +104,20 @@ def test_bad_requests_get_a_400_naming_the_problem(server, kwargs, needle):
         server["client"].completions.create(**request)
     assert err.value.status_code == 400 and needle in str(err.value)
     assert complete(server, [5, 6, 7], 3).choices[0].token_ids  # the server goes on serving
+
+
+def metric(server, name: str) -> float:
+    text = urllib.request.urlopen(server["url"] + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_a_cancelled_stream_frees_its_kv_cache(server):
+    stream = complete(server, [5, 6, 7], 400, threshold=1.0, stream=True)  # 1 token per step: long-running
+    next(iter(stream))
+    assert metric(server, "vllm:kv_cache_usage_perc") > 0
+    stream.close()
+    deadline = time.time() + 60
+    while metric(server, "vllm:num_requests_running") or metric(server, "vllm:kv_cache_usage_perc"):
+        assert time.time() < deadline, "the cancelled request still holds KV cache"
+        time.sleep(0.5)
+    assert complete(server, [5, 6, 7], 3).choices[0].token_ids
