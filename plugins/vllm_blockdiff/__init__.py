@@ -13,6 +13,7 @@ def register() -> None:
     """Entry point of `vllm.general_plugins`; vLLM runs it in every process it starts."""
     from transformers import AutoConfig
     from vllm import ModelRegistry
+    from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     from vllm_blockdiff import validation
@@ -22,7 +23,11 @@ def register() -> None:
     for arch in ("Qwen3BlockDiffusionForCausalLM", "LlamaBlockDiffusionForCausalLM", "LLaDA2MoeModelLM"):
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, f"vllm_blockdiff.models:{arch}")
-    register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_blockdiff.attention.BlockCausalCPUAttentionBackend")
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_blockdiff.attention.BlockCausalCPUAttentionBackend")
+    else:  # GPU: reviewed, not run here
+        register_backend(AttentionBackendEnum.FLASH_ATTN,
+                         "vllm_blockdiff.attention.BlockCausalFlashAttentionBackend")
     validation.install()
 
 

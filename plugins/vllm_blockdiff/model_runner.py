@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from blockdiff.decoding import BlockState, DecodeParams
 from vllm_blockdiff.config import block_diffusion_settings
@@ -24,7 +25,9 @@ PLACEHOLDER = -1  # vLLM's padding id in sampled-token rows; dropped by its outp
 RECORD_ENV = "VLLM_BLOCKDIFF_RECORD"  # "1": keep every denoising step's inputs and logits, to verify them
 
 
-class BlockDiffusionModelRunner(CPUModelRunner):
+class BlockDiffusionRunnerMixin:
+    """Over vLLM's V1 model runner (CPU subclass here; the GPU one has the same methods and is reviewed only)."""
+
     def __init__(self, vllm_config, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         self.settings = block_diffusion_settings(vllm_config.model_config.hf_config)
@@ -75,7 +78,7 @@ class BlockDiffusionModelRunner(CPUModelRunner):
             if req_id in scheduler_output.scheduled_spec_decode_tokens:
                 state = self.block_states[req_id]
                 first = offset + state.block_start - int(self.input_batch.num_computed_tokens_cpu[index])
-                logits = self.model.compute_logits(hidden_states[first: first + b]).float()
+                logits = self.model.compute_logits(hidden_states[first: first + b]).float().cpu()
                 if self.records is not None:
                     self.records.append({"context": list(state.committed), "block": state.block.tolist(),
                                          "logits": logits.clone()})
@@ -94,8 +97,16 @@ class BlockDiffusionModelRunner(CPUModelRunner):
         rows = torch.full((self.input_batch.num_reqs, width), PLACEHOLDER, dtype=torch.int32)
         for req_id, tokens in committed.items():
             rows[self.input_batch.req_id_to_index[req_id], : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
-        return SamplerOutput(sampled_token_ids=rows, logprobs_tensors=None)
+        return SamplerOutput(sampled_token_ids=rows.to(self.device), logprobs_tensors=None)
 
     def take_records(self) -> list[dict]:
         records, self.records = self.records or [], [] if self.records is not None else None
         return records
+
+
+class BlockDiffusionModelRunner(BlockDiffusionRunnerMixin, CPUModelRunner):
+    pass
+
+
+class BlockDiffusionGPUModelRunner(BlockDiffusionRunnerMixin, GPUModelRunner):
+    pass
