@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from blockdiff.masks import block_causal_mask
+from blockdiff.models import BlockDiffusionSettings
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,26 @@ class DecodeParams:
             raise ValueError(f"fallback_k must be >= 1, got {self.fallback_k}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+
+def request_params(settings: BlockDiffusionSettings, *, max_tokens: int, temperature: float, seed: int,
+                   overrides: dict | None) -> DecodeParams:
+    """A served request's parameters: the checkpoint's settings, with the per-request overrides a serving stack
+    passes through (`threshold`, `fallback_k`; `block_size` only restating the served one, because the KV layout and
+    scheduling are per server). Raises ValueError naming the bad key; other keys are left to the stack."""
+    overrides = overrides or {}
+    threshold = overrides.get("threshold", settings.threshold)
+    fallback_k = overrides.get("fallback_k", settings.fallback_k)
+    block_size = overrides.get("block_size", settings.block_size)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    if isinstance(fallback_k, bool) or not isinstance(fallback_k, int) or fallback_k < 1:
+        raise ValueError(f"fallback_k must be an integer >= 1, got {fallback_k!r}")
+    if block_size != settings.block_size:
+        raise ValueError(f"block_size {block_size!r} differs from the served block size {settings.block_size}; "
+                         "the block size is chosen when the server starts")
+    return DecodeParams(max_tokens=max_tokens, block_size=settings.block_size, threshold=float(threshold),
+                        fallback_k=fallback_k, temperature=temperature, seed=seed)
 
 
 @dataclass

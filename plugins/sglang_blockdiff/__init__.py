@@ -1,6 +1,45 @@
-"""SGLang plugin serving block-diffusion models (issue #4). Loaded through the `sglang.srt.plugins` entry point."""
+"""SGLang plugin serving block-diffusion models (issue #4), loaded through the `sglang.srt.plugins` entry point in
+every SGLang process.
+
+Loading it registers the block-diffusion dense architectures, the `llada2_moe` config type and this project's
+decoding as the dLLM algorithm `BlockDiff`, and hooks SGLang so the checkpoint's own config supplies block size, mask
+id, EOS and threshold. It is switched on per server by `--dllm-algorithm BlockDiff`; without that flag SGLang runs
+unchanged.
+"""
+
+ALGORITHM = "BlockDiff"
 
 
 def register() -> None:
-    """Entry point of `sglang.srt.plugins`. The hooks land with issue #4; until then loading the plugin changes nothing
-    in SGLang."""
+    """Entry point of `sglang.srt.plugins`."""
+    import os
+
+    from sglang.srt.dllm.algorithm import algo_name_to_cls
+    from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
+    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from transformers import AutoConfig
+
+    from blockdiff.models.hf_config import LLaDA2MoeHFConfig
+    from sglang_blockdiff import algorithm, hooks, models
+
+    AutoConfig.register(LLaDA2MoeHFConfig.model_type, LLaDA2MoeHFConfig, exist_ok=True)
+    for cls in models.EntryClass:
+        ModelRegistry.models.setdefault(cls.__name__, cls)
+    algo_name_to_cls[ALGORITHM] = algorithm.BlockDiff
+    HookRegistry.register("sglang.srt.dllm.config.DllmConfig.from_server_args", hooks.dllm_config_from_model,
+                          HookType.AROUND)
+    HookRegistry.register("sglang.srt.managers.tp_worker.TpModelWorker._forward_batch_generation_dllm",
+                          hooks.attach_requests, HookType.AROUND)
+    # SGLang's extension point for per-request output fields
+    SchedulerOutputStreamer.has_additional_customized_info = True
+    HookRegistry.register(f"{SchedulerOutputStreamer.__module__}.SchedulerOutputStreamer."
+                          "should_build_additional_customized_info", lambda self: True, HookType.REPLACE)
+    HookRegistry.register(f"{SchedulerOutputStreamer.__module__}.SchedulerOutputStreamer."
+                          "build_additional_customized_info", hooks.accounting_outputs, HookType.REPLACE)
+    HookRegistry.register(f"{SchedulerOutputStreamer.__module__}.SchedulerOutputStreamer."
+                          "is_request_level_customized_info_key",
+                          lambda self, key: key == algorithm.ACCOUNTING_KEY, HookType.REPLACE)
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":  # the CPU runtime (see cpu_shims/README.md)
+        HookRegistry.register("sglang.srt.layers.moe.fused_moe_native.moe_forward_native",
+                              hooks.scale_native_moe_output, HookType.AFTER)

@@ -17,9 +17,9 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     from vllm_blockdiff import validation
-    from vllm_blockdiff.config import LLaDA2MoeConfig
+    from blockdiff.models.hf_config import LLaDA2MoeHFConfig
 
-    AutoConfig.register(LLaDA2MoeConfig.model_type, LLaDA2MoeConfig, exist_ok=True)
+    AutoConfig.register(LLaDA2MoeHFConfig.model_type, LLaDA2MoeHFConfig, exist_ok=True)
     for arch in ("Qwen3BlockDiffusionForCausalLM", "LlamaBlockDiffusionForCausalLM", "LLaDA2MoeModelLM"):
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, f"vllm_blockdiff.models:{arch}")

@@ -20,7 +20,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionMetadataBuilder
 from vllm.v1.kv_cache_interface import CrossAttentionSpec, EncoderOnlyAttentionSpec
 
-from vllm_blockdiff.config import block_diffusion_settings, is_block_diffusion
+from blockdiff.models.hf_config import block_diffusion_settings, is_block_diffusion
 
 
 def split_at_blocks(query_start_loc: list[int], seq_lens: list[int], block_size: int

@@ -17,9 +17,8 @@ from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from blockdiff.decoding import BlockState, DecodeParams
-from vllm_blockdiff.config import block_diffusion_settings
-from vllm_blockdiff.params import request_decode_options
+from blockdiff.decoding import BlockState, request_params
+from blockdiff.models.hf_config import block_diffusion_settings
 
 PLACEHOLDER = -1  # vLLM's padding id in sampled-token rows; dropped by its output parsing
 RECORD_ENV = "VLLM_BLOCKDIFF_RECORD"  # "1": keep every denoising step's inputs and logits, to verify them
@@ -40,10 +39,8 @@ class BlockDiffusionRunnerMixin:
         req = self.requests[req_id]
         if state is None:
             sp = req.sampling_params
-            options = request_decode_options(sp.extra_args, self.settings)
-            params = DecodeParams(max_tokens=sp.max_tokens, block_size=self.settings.block_size,
-                                  threshold=options.threshold, fallback_k=options.fallback_k,
-                                  temperature=sp.temperature, seed=sp.seed or 0)
+            params = request_params(self.settings, max_tokens=sp.max_tokens, temperature=sp.temperature,
+                                    seed=sp.seed or 0, overrides=sp.extra_args)
             state = self.block_states[req_id] = BlockState(list(req.prompt_token_ids), params,
                                                            self.settings.mask_token_id, self.settings.eos_token_ids)
         b = self.settings.block_size

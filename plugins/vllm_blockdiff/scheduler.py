@@ -22,7 +22,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 
-from vllm_blockdiff.config import block_diffusion_settings
+from blockdiff.models.hf_config import block_diffusion_settings
 
 ACCOUNTING_KEY = "block_diffusion"
 

@@ -10,8 +10,8 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
-from vllm_blockdiff.config import block_diffusion_settings, is_block_diffusion
-from vllm_blockdiff.params import request_decode_options
+from blockdiff.decoding import request_params
+from blockdiff.models.hf_config import block_diffusion_settings, is_block_diffusion
 
 WHY = "block diffusion commits tokens by confidence within a block"
 
@@ -38,7 +38,8 @@ def check_sampling_params(params: SamplingParams, hf_config) -> None:
         raise VLLMValidationError(f"top_k={params.top_k!r} is not supported for block-diffusion models: {WHY}",
                                   parameter="top_k", value=params.top_k)
     try:
-        request_decode_options(params.extra_args, block_diffusion_settings(hf_config))
+        request_params(block_diffusion_settings(hf_config), max_tokens=params.max_tokens or 1,
+                       temperature=params.temperature, seed=params.seed or 0, overrides=params.extra_args)
     except ValueError as e:
         raise VLLMValidationError(str(e), parameter="vllm_xargs", value=params.extra_args) from e
 

@@ -140,3 +140,16 @@ def test_group_limit_is_exercised(model):
     plain = (torch.sigmoid(x @ gate.weight.T) + gate.expert_bias).topk(2, dim=-1).indices
     differs = [set(a) != set(b) for a, b in zip(experts.tolist(), plain.tolist())]
     assert any(differs)
+
+
+def test_transformers_reads_the_llada2_config_and_its_settings(tmp_path, model):
+    from transformers import AutoConfig
+
+    from blockdiff.models.hf_config import LLaDA2MoeHFConfig, block_diffusion_settings, is_block_diffusion
+
+    AutoConfig.register(LLaDA2MoeHFConfig.model_type, LLaDA2MoeHFConfig, exist_ok=True)
+    save_model(model, tiny_llada2_config(VOCAB, MASK, EOS), tmp_path)
+    hf = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(hf, LLaDA2MoeHFConfig) and hf.num_experts == 8 and hf.rope_parameters["rope_theta"] == 600000
+    assert is_block_diffusion(hf) and block_diffusion_settings(hf).mask_token_id == MASK
+    assert block_diffusion_settings(LLaDA2MoeHFConfig(architectures=["LLaDA2MoeModelLM"])).mask_token_id == 156895

@@ -1,6 +1,7 @@
-"""What vLLM needs to know about a block-diffusion checkpoint: its `block_diffusion` settings (from the HF config
-vLLM loaded) and, for LLaDA2.0 checkpoints, a transformers config class so vLLM can read `model_type: llada2_moe`
-without `--trust-remote-code`."""
+"""What a serving stack needs to know about a block-diffusion checkpoint from the transformers config it loaded:
+its `block_diffusion` settings, and for LLaDA2.0 checkpoints a transformers config class, so stacks read
+`model_type: llada2_moe` without `--trust-remote-code`. Imports transformers (every serving stack has it); the rest of
+the core does not."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from blockdiff.models import BlockDiffusionSettings
+from blockdiff.models import ARCHITECTURES, BlockDiffusionSettings
 
 
 def block_diffusion_settings(hf_config: PretrainedConfig) -> BlockDiffusionSettings:
@@ -21,14 +22,13 @@ def block_diffusion_settings(hf_config: PretrainedConfig) -> BlockDiffusionSetti
 
 
 def is_block_diffusion(hf_config: PretrainedConfig) -> bool:
-    from blockdiff.models import ARCHITECTURES
-
     arch = (getattr(hf_config, "architectures", None) or [None])[0]
     return ARCHITECTURES.get(arch, (None, False))[1]
 
 
-class LLaDA2MoeConfig(PretrainedConfig):
-    """`model_type: llada2_moe`, with LLaDA2.0-mini's values as defaults and the keys vLLM's Bailing MoE layers read."""
+class LLaDA2MoeHFConfig(PretrainedConfig):
+    """`model_type: llada2_moe`, with LLaDA2.0-mini's values as defaults; keys as in the public config.json, plus the
+    transformers-5 `rope_parameters` the stacks' rotary layers read."""
 
     model_type = "llada2_moe"
 

@@ -1,0 +1,74 @@
+"""The three places SGLang is hooked (through its HookRegistry, see `register`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import yaml
+
+from blockdiff.models.hf_config import block_diffusion_settings
+from sglang_blockdiff.algorithm import ACCOUNTING_KEY
+
+
+def dllm_config_from_model(original, server_args):
+    """`DllmConfig.from_server_args`: block size, mask id, EOS and threshold from the checkpoint's own config for any
+    block-diffusion architecture (`block_diffusion` section, or LLaDA2.0's model-card values); SGLang's hard-coded
+    table stays the fallback for the rest. `--dllm-algorithm-config` YAML may override block_size and threshold."""
+    from sglang.srt.dllm import config as dllm_config
+    from sglang.srt.dllm.algorithm import get_algorithm_cls
+
+    cfg = dllm_config.resolving_view(server_args)
+    if cfg.dllm_algorithm is None:
+        return None
+    model_config = dllm_config.ModelConfig.from_server_args(server_args, model_path=cfg.model_path,
+                                                           model_revision=cfg.revision)
+    try:
+        settings = block_diffusion_settings(model_config.hf_config)
+    except ValueError:
+        return original(server_args)
+    algorithm_config = {}
+    if cfg.dllm_algorithm_config is not None:
+        with open(cfg.dllm_algorithm_config) as f:
+            algorithm_config = yaml.safe_load(f) or {}
+        if not isinstance(algorithm_config, dict):
+            raise ValueError(f"{cfg.dllm_algorithm_config}: the dLLM algorithm config must be a YAML mapping")
+    settings = dataclasses.replace(settings, block_size=algorithm_config.get("block_size", settings.block_size),
+                                   threshold=algorithm_config.get("threshold", settings.threshold))
+    algorithm = get_algorithm_cls(cfg.dllm_algorithm)
+    config = dllm_config.DllmConfig(
+        algorithm=cfg.dllm_algorithm, algorithm_config={**algorithm_config, "threshold": settings.threshold},
+        block_size=settings.block_size, mask_id=settings.mask_token_id,
+        max_running_requests=1 if cfg.max_running_requests is None else cfg.max_running_requests,
+        first_done_first_out_mode=cfg.dllm_fdfo,
+        requires_separate_context_encoding=algorithm.requires_separate_context_encoding,
+        capture_input_preparation=(algorithm.capture_input_preparation
+                                   and algorithm_config.get("capture_input_preparation", True)))
+    config.blockdiff_settings = settings
+    return config
+
+
+def attach_requests(original, worker, forward_batch, batch=None):
+    """`TpModelWorker._forward_batch_generation_dllm`: the algorithm reads per-request parameters off the requests."""
+    if batch is not None:
+        forward_batch.blockdiff_reqs = batch.reqs
+    return original(worker, forward_batch, batch)
+
+
+def accounting_outputs(streamer, reqs) -> dict[str, list]:
+    """`SchedulerOutputStreamer.build_additional_customized_info`: DECODING.md's accounting, once, in the finished
+    request's meta_info under "block_diffusion"."""
+    values = []
+    for req in reqs:
+        state = getattr(req, "blockdiff", None)
+        finished = state is not None and req.finished()
+        values.append([state.accounting(len(req.output_ids[: req.finished_len or len(req.output_ids)]))]
+                      if finished else [])
+    return {ACCOUNTING_KEY: values}
+
+
+def scale_native_moe_output(output, layer, x, topk_output, moe_runner_config):
+    """`moe_forward_native` (SGLang's MoE on CPU): apply `routed_scaling_factor`, which SGLang applies in its GPU
+    kernels or fused top-k but this fallback drops (measured: LLaDA2MoeModelLM matched the reference only with the
+    factor set to 1). A CPU runtime fix; GPU serving does not run this function."""
+    factor = moe_runner_config.routed_scaling_factor
+    return output if factor is None or factor == 1.0 else output * factor
