@@ -40,6 +40,6 @@ def register() -> None:
     HookRegistry.register(f"{SchedulerOutputStreamer.__module__}.SchedulerOutputStreamer."
                           "is_request_level_customized_info_key",
                           lambda self, key: key == algorithm.ACCOUNTING_KEY, HookType.REPLACE)
-    if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":  # the CPU runtime (see cpu_shims/README.md)
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":  # the CPU runtime (docs/environments.md)
         HookRegistry.register("sglang.srt.layers.moe.fused_moe_native.moe_forward_native",
                               hooks.scale_native_moe_output, HookType.AFTER)

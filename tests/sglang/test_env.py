@@ -2,7 +2,6 @@
 sgl_kernel shim, the torchvision fix) and serves a tiny model made by the core with the same greedy tokens."""
 
 import json
-import sys
 import urllib.request
 from importlib.metadata import entry_points
 
@@ -10,13 +9,8 @@ import pytest
 import torch
 
 from servers import free_port, running_server
+from sglang_cpu import CPU_ENV, launch_command
 from tiny_models import greedy_ar, make_tiny_ar_model
-
-CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
-CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
-             "--dtype", "float32", "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill",
-             "disabled", "--skip-server-warmup", "--host", "127.0.0.1"]
-
 
 def test_torch_is_the_pinned_cpu_build_and_torchvision_imports():
     import torchvision  # noqa: F401  (fails with "operator torchvision::nms does not exist" without the fix)
@@ -42,8 +36,7 @@ def tiny_ar_server(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-ar")
     model = make_tiny_ar_model(path)
     port = free_port()
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(path), "--port", str(port),
-           "--context-length", "256", *CPU_FLAGS]
+    cmd = launch_command(path, port, "--context-length", "256")
     with running_server(cmd, port, path / "server.log", CPU_ENV) as url:
         yield url, model
 

@@ -12,58 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockdiff.decoding import DecodeParams, ReferenceDecoder
 from blockdiff.masks import block_causal_mask
 from blockdiff.models import read_config
+from decoding_cases import B, covers_the_hard_cases, make_served_model, reference, request_sets
 from tiny_models import make_tiny_blockdiff_model
-
-B, MASK = 32, 1
-PROBE = [5, 17, 42, 99, 3, 8]
-LENGTHS = [1, 5, 31, 32, 33, 47, 64, 70]  # on and off block boundaries
-MAX_TOKENS = [7, 32, 45, 64]
-
-
-def choose_eos(model, vocab: int) -> int:
-    """A token the reference emits for PROBE at output index 9 (inside the first block) and not before: made an EOS,
-    it ends that request mid-block."""
-    out = ReferenceDecoder(model, MASK, (0,)).generate([PROBE], DecodeParams(64, B, 0.5))[0].tokens
-    for i in range(9, len(out)):
-        if out[i] not in out[:i] and out[i] > MASK:
-            return out[i]
-    raise AssertionError(f"no fresh token to make an EOS in {out}")
-
-
-def request_sets(vocab: int, seed: int) -> tuple[list[list[dict]], list[dict]]:
-    rng = random.Random(seed)
-    prompts = [PROBE] + [[rng.randrange(2, vocab) for _ in range(n)] for n in LENGTHS]
-    singles = [[{"prompt": p, "threshold": t, "max_tokens": MAX_TOKENS[(i + j) % len(MAX_TOKENS)]}]
-               for i, p in enumerate(prompts) for j, t in enumerate((0.95, 0.5))]
-    concurrent = [{"prompt": p, "threshold": (0.95, 0.7, 0.3)[i % 3], "max_tokens": MAX_TOKENS[i % len(MAX_TOKENS)]}
-                  for i, p in enumerate(prompts[:8])]
-    concurrent[5].update(temperature=0.8, seed=3)
-    concurrent[6].update(temperature=1.0, seed=4)
-    return singles, concurrent
-
-
-def reference(model, eos: tuple[int, ...], batch: list[dict]) -> list[dict]:
-    params = [DecodeParams(r["max_tokens"], B, r["threshold"], temperature=r.get("temperature", 0.0),
-                           seed=r.get("seed") or 0) for r in batch]
-    results = ReferenceDecoder(model, MASK, eos).generate([r["prompt"] for r in batch], params)
-    return [{"tokens": r.tokens, "finish_reason": r.finish_reason, "denoise_forwards": r.denoise_forwards}
-            for r in results]
-
 
 @pytest.fixture(scope="module", params=["dense", "llada2"])
 def served(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    model = make_tiny_blockdiff_model(path, request.param)
-    vocab = read_config(path)["vocab_size"]
-    eos = (0, choose_eos(model, vocab))
-    cfg = read_config(path)
-    cfg["block_diffusion"]["eos_token_ids"] = list(eos)
-    (path / "config.json").write_text(json.dumps(cfg))
-    singles, concurrent = request_sets(vocab, seed=len(request.param))
-    job = {"model": str(path), "batches": [*singles, concurrent], "records": str(path / "records.pt")}
+    model, eos = make_served_model(path, request.param)
+    singles, concurrent = request_sets(read_config(path)["vocab_size"], seed=len(request.param))
+    job = {"model": str(path), "batches": [*[[r] for r in singles], concurrent], "records": str(path / "records.pt")}
     got = run_job(path, job, {"VLLM_BLOCKDIFF_RECORD": "1"})
     return {"model": model, "eos": eos, "batches": job["batches"], "got": got,
             "records": torch.load(path / "records.pt")}
@@ -92,10 +51,7 @@ def test_eight_concurrent_requests_match_the_reference(served):
 
 
 def test_the_cases_cover_eos_inside_a_block_and_max_tokens_cuts(served):
-    cases = [(r["prompt"], g) for batch, got in zip(served["batches"], served["got"]) for r, g in zip(batch, got)]
-    assert any(g["finish_reason"] == "stop" and (len(p) + len(g["tokens"])) % B for p, g in cases)
-    assert any(g["finish_reason"] == "length" and len(g["tokens"]) % B for p, g in cases)
-    assert {len(p) % B == 0 for p, _ in cases} == {True, False}
+    covers_the_hard_cases([r for batch in served["batches"] for r in batch], [g for got in served["got"] for g in got])
 
 
 def test_accounting(served):

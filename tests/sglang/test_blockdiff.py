@@ -1,0 +1,122 @@
+"""SGLang's server with this plugin (`--dllm-algorithm BlockDiff`) against the core's reference decoder, token for
+token, for the dense tiny model and a tiny random LLaDA2MoeModelLM; SGLang's own LowConfidence on its own LLaDA2 model
+against the same reference where the semantics coincide; radix-cache reuse; and 400s for bad requests."""
+
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from blockdiff.models import read_config, save_model
+from decoding_cases import B, MASK, covers_the_hard_cases, make_served_model, reference, request_sets
+from servers import free_port, running_server
+from sglang_cpu import CPU_ENV, launch_command
+from tiny_models import make_tiny_blockdiff_model
+
+
+def generate(url: str, request: dict) -> dict:
+    """POST /generate; returns the reference's fields plus SGLang's meta_info."""
+    sampling = {"temperature": request.get("temperature", 0.0), "max_new_tokens": request["max_tokens"],
+                "custom_params": {"threshold": request["threshold"]}}
+    if "seed" in request:
+        sampling["sampling_seed"] = request["seed"]
+    out = post(url, {"input_ids": request["prompt"], "sampling_params": sampling})
+    meta = out["meta_info"]
+    accounting = (meta.get("block_diffusion") or [{}])[0]
+    return {"tokens": out["output_ids"], "finish_reason": meta["finish_reason"]["type"],
+            "denoise_forwards": accounting.get("denoise_forwards"), "meta": meta}
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url + "/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=600).read())
+
+
+def same(got: list[dict], want: list[dict]) -> bool:
+    return [{k: g[k] for k in want[0]} for g in got] == want
+
+
+@pytest.fixture(scope="module", params=["dense", "llada2"])
+def served(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    model, eos = make_served_model(path, request.param)
+    port = free_port()
+    cmd = launch_command(path, port, "--context-length", "512", "--dllm-algorithm", "BlockDiff",
+                         "--max-running-requests", "8")
+    with running_server(cmd, port, path / "server.log", CPU_ENV) as url:
+        yield {"url": url, "model": model, "eos": eos, "vocab": read_config(path)["vocab_size"], "arch": request.param}
+
+
+def test_single_requests_match_the_reference(served):
+    singles, _ = request_sets(served["vocab"], seed=len(served["arch"]))
+    singles = singles[1::2]  # every prompt once, at threshold 0.5 (0.95 and 0.7 come in the concurrent batch): CPU time
+    got = [generate(served["url"], r) for r in singles]
+    want = reference(served["model"], served["eos"], singles)
+    assert same(got, want)
+    covers_the_hard_cases(singles, got)
+
+
+def test_eight_concurrent_requests_match_the_reference(served):
+    _, batch = request_sets(served["vocab"], seed=len(served["arch"]))
+    with ThreadPoolExecutor(len(batch)) as pool:
+        got = list(pool.map(lambda r: generate(served["url"], r), batch))
+    assert same(got, reference(served["model"], served["eos"], batch))
+    for g in got:
+        accounting = g["meta"]["block_diffusion"][0]
+        assert accounting["nfe"] > accounting["denoise_forwards"]
+        assert accounting["tpf"] == pytest.approx(len(g["tokens"]) / accounting["denoise_forwards"])
+
+
+def test_radix_cache_reuses_whole_blocks(served):
+    request = {"prompt": list(range(2, 72)), "threshold": 0.5, "max_tokens": 16}
+    first, second = generate(served["url"], request), generate(served["url"], request)
+    assert second["tokens"] == first["tokens"]
+    assert second["meta"]["cached_tokens"] >= 64 and second["meta"]["cached_tokens"] % B == 0
+
+
+@pytest.mark.parametrize("sampling,needle", [
+    ({"top_p": 0.5}, "top_p=0.5 is not supported"),
+    ({"custom_params": {"threshold": 2}}, "threshold must be a number in [0, 1]"),
+    ({"custom_params": {"block_size": 8}}, "block_size 8 differs from the served block size 32"),
+    ({"ignore_eos": True}, "ignore_eos=True is not supported"),
+])
+def test_bad_requests_get_a_400_naming_the_problem(served, sampling, needle):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post(served["url"], {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 4, **sampling}})
+    assert err.value.code == 400 and needle in err.value.read().decode()
+    assert generate(served["url"], {"prompt": [5, 6, 7], "threshold": 0.5, "max_tokens": 3})["tokens"]
+
+
+def test_a_prompt_with_the_mask_token_gets_a_400(served):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post(served["url"], {"input_ids": [5, MASK, 7], "sampling_params": {"max_new_tokens": 4}})
+    assert err.value.code == 400 and "mask token (id 1) at position 1" in err.value.read().decode()
+
+
+@pytest.fixture(scope="module")
+def low_confidence(tmp_path_factory):
+    """SGLang's own LowConfidence algorithm on SGLang's own LLaDA2MoeModelLM, for a tiny LLaDA2 whose head never
+    prefers the mask token (its lm_head row is zero, so its logit is 0 against others around +4): there the two
+    semantics coincide, see sglang_blockdiff/README.md."""
+    path = tmp_path_factory.mktemp("llada2-lowconf")
+    model, eos = make_tiny_blockdiff_model(path, "llada2"), (0,)  # LowConfidence stops at the tokenizer's EOS only
+    with torch.no_grad():
+        model.lm_head.weight[MASK] = 0
+    save_model(model, read_config(path), path)
+    (path / "algo.yaml").write_text("threshold: 0.95\n")
+    port = free_port()
+    cmd = launch_command(path, port, "--context-length", "512", "--dllm-algorithm", "LowConfidence",
+                         "--dllm-algorithm-config", str(path / "algo.yaml"), "--max-running-requests", "4")
+    with running_server(cmd, port, path / "server.log", CPU_ENV) as url:
+        yield {"url": url, "model": model, "eos": eos, "vocab": read_config(path)["vocab_size"]}
+
+
+def test_sglang_low_confidence_on_its_llada2_agrees_with_the_core(low_confidence):
+    singles, _ = request_sets(low_confidence["vocab"], seed=7)
+    greedy = [r | {"threshold": 0.95} for r in singles[::3]]  # 6 requests: LowConfidence on CPU is slow
+    got = [generate(low_confidence["url"], r) for r in greedy]
+    want = reference(low_confidence["model"], low_confidence["eos"], greedy)
+    assert [(g["tokens"], g["finish_reason"]) for g in got] == [(w["tokens"], w["finish_reason"]) for w in want]
