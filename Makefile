@@ -4,7 +4,7 @@ PYTHON ?= python3
 CORE = $$($(PYTHON) tools/envs.py --path core)
 NEMO = $$(dirname $$($(PYTHON) tools/envs.py --path nemo))/nemo
 
-.PHONY: demo test envs
+.PHONY: demo test conformance envs
 demo:  ## the main job: tiny AR base -> NeMo recipes on Megatron (wsd_cpt, sft + cap, dpo, merge) -> decode, TPF
 	$(PYTHON) tools/envs.py core nemo
 	rm -rf runs/demo runs/nemo
@@ -12,8 +12,12 @@ demo:  ## the main job: tiny AR base -> NeMo recipes on Megatron (wsd_cpt, sft +
 	$(NEMO) dllm pipeline --factory tiny --direct --yes
 	$(CORE) -m blockdiff.demo decode runs/nemo/sft/hf runs/nemo/cap/hf runs/nemo/merged
 
-test:  ## every test suite, each in its stack's venv
+test:  ## every test suite, each in its stack's venv, then the cross-stack conformance matrix
 	$(PYTHON) tools/test.py
+	$(PYTHON) conformance/run.py
+
+conformance:  ## the same model and prompts on every stack: identical tokens, or exit 1 with the differences
+	$(PYTHON) conformance/run.py
 
 envs:  ## build (or check) every venv
 	$(PYTHON) tools/envs.py all

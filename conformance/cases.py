@@ -1,0 +1,137 @@
+"""The shared conformance cases: models, prompts and decoding settings every stack runs (core venv).
+
+Models: the tiny dense dLLM that this project's `wsd_cpt` recipe produces from a tiny AR base (run in the nemo venv),
+and a tiny random LLaDA2MoeModelLM; each served at block sizes 4, 8 and 32, with an EOS id chosen so that one prompt
+ends inside a block. Prompts: HumanEval prompts and random token prompts on and off block boundaries. Settings:
+thresholds 0.95/0.7/0.0, max_tokens on and off block boundaries, batches of 1, 4 and 8. Everything is written to
+`cases.json`; prompts travel as token ids, so every stack sees the same input whatever its tokenizer does.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from blockdiff.data import humaneval_prompts, load_tokenizer, save_tokenizer, stdlib_documents, train_tokenizer
+from blockdiff.decoding import DecodeParams, ReferenceDecoder
+from blockdiff.models import (build_model, init_weights, load_model, read_config, save_model, tiny_dense_config,
+                              tiny_llada2_config)
+
+BLOCK_SIZES = (4, 8, 32)
+THRESHOLDS = (0.95, 0.7, 0.0)
+BATCH_SIZES = (1, 1, 4, 8)  # two single requests, then a batch of 4 and one of 8: 14 requests per model
+MASK, EOS = 1, 0
+PROBE = [5, 17, 42, 99, 3, 8]
+
+WSD_SCRIPT = """
+import sys
+from nemo_dllm.stages import WSDConfig, wsd_cpt
+from nemo_dllm.trainer import TrainerConfig
+wsd_cpt(WSDConfig(init_from=sys.argv[1], out_dir=sys.argv[2], data=sys.argv[3], seq_len=64, batch_size=2,
+                  warmup_tokens=3 * 128, stable_tokens=4 * 128, decay_tokens=3 * 128,
+                  trainer=TrainerConfig(save_every=100, lr=2e-3, warmup_steps=2)))
+"""
+
+
+def recipe_dense_model(work: Path, nemo_python: str) -> Path:
+    """A random tiny Qwen3 AR base, converted by the `wsd_cpt` recipe (10 steps) into an HF block-diffusion dir."""
+    base, out, corpus = work / "ar-base", work / "wsd_cpt", work / "corpus.jsonl"
+    docs = stdlib_documents(max_bytes=200_000)
+    tok = train_tokenizer([d.text for d in docs], 400)
+    save_tokenizer(tok, base, model_max_length=1024)
+    cfg = tiny_dense_config(vocab_size=tok.get_vocab_size(), num_hidden_layers=2, eos_token_id=EOS, pad_token_id=EOS)
+    save_model(init_weights(build_model(cfg), 0), cfg, base)
+    corpus.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+    shutil.rmtree(out, ignore_errors=True)
+    done = subprocess.run([nemo_python, "-c", WSD_SCRIPT, str(base), str(out), str(corpus)], capture_output=True,
+                          text=True, timeout=1200)
+    if done.returncode != 0:
+        raise RuntimeError(f"the wsd_cpt recipe failed:\n{done.stderr[-3000:]}")
+    return out / "hf"
+
+
+def random_llada2_model(work: Path, tokenizer_dir: Path) -> Path:
+    path = work / "llada2"
+    tok = load_tokenizer(tokenizer_dir)
+    save_tokenizer(tok, path, model_max_length=1024)
+    cfg = tiny_llada2_config(tok.get_vocab_size(), mask_token_id=MASK, eos_token_id=EOS)
+    save_model(init_weights(build_model(cfg), 0, std=0.2), cfg, path)
+    return path
+
+
+def probe_request(block_size: int) -> dict:
+    """The first request of every served model; its EOS is chosen to end it inside a block."""
+    return {"prompt": PROBE, "threshold": THRESHOLDS[0], "max_tokens": min(2 * block_size, 40)}
+
+
+def choose_eos(model: torch.nn.Module, block_size: int) -> int:
+    """A token the reference emits for the probe request early and not before: made an EOS, it ends that request
+    inside a block (the dense recipe model emits EOS 0 rarely on its own)."""
+    probe = probe_request(block_size)
+    params = DecodeParams(probe["max_tokens"], block_size, probe["threshold"])
+    out = ReferenceDecoder(model, MASK, (EOS,)).generate([PROBE], params)[0].tokens
+    fresh = [i for i in range(len(out)) if out[i] not in out[:i] and out[i] > MASK and (len(PROBE) + i + 1) % block_size]
+    if fresh:  # the latest one: the longest output that still ends inside a block
+        return out[fresh[-1]]
+    raise RuntimeError(f"no token to make an EOS in {out}")
+
+
+def served_variants(name: str, source: Path, work: Path) -> dict[str, Path]:
+    """One directory per block size: the same weights, `block_diffusion` set to that block size and the EOS ids."""
+    model, cfg = load_model(source)
+    variants = {}
+    for b in BLOCK_SIZES:
+        path = work / f"{name}-b{b}"
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.copytree(source, path, ignore=shutil.ignore_patterns("*.pt", "checkpoints"))
+        cfg = read_config(path)
+        cfg["block_diffusion"] = {"mask_token_id": MASK, "eos_token_ids": [EOS, choose_eos(model, b)],
+                                  "block_size": b, "threshold": 0.95, "fallback_k": 1}
+        (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        variants[f"{name}-b{b}"] = path
+    return variants
+
+
+def prompts(tokenizer_dir: Path, vocab: int, block_size: int) -> list[list[int]]:
+    tok = load_tokenizer(tokenizer_dir)
+    rng = random.Random(block_size)
+    humaneval = [tok.encode(p).ids[-48:] for p in humaneval_prompts()[:3]]
+    lengths = [1, block_size - 1, block_size, block_size + 1, 2 * block_size + 3]
+    return [PROBE, *humaneval, *[[rng.randrange(2, vocab) for _ in range(n)] for n in lengths]]
+
+
+def cases_for(model: str, path: Path) -> list[dict]:
+    """Batches of requests for one served model: every request has a prompt, a threshold and max_tokens."""
+    b = read_config(path)["block_diffusion"]["block_size"]
+    vocab = read_config(path)["vocab_size"]
+    pool = prompts(path, vocab, b)
+    max_tokens = (2 * b, b + 3, 3 * b - 1, b)  # on and off block boundaries
+    requests = [{"prompt": pool[i % len(pool)], "threshold": THRESHOLDS[i % len(THRESHOLDS)],
+                 "max_tokens": min(max_tokens[i % len(max_tokens)], 40)} for i in range(sum(BATCH_SIZES))]
+    requests[0] = probe_request(b)  # the EOS-inside-a-block case
+    cases, start = [], 0
+    for n, size in enumerate(BATCH_SIZES):
+        cases.append({"id": f"{model}/batch{n}x{size}", "model": model, "batch": requests[start:start + size]})
+        start += size
+    return cases
+
+
+def build(work: Path, nemo_python: str) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    dense = recipe_dense_model(work, nemo_python)
+    models = {**served_variants("dense", dense, work), **served_variants("llada2", random_llada2_model(work, dense),
+                                                                         work)}
+    cases = [c for name, path in models.items() for c in cases_for(name, path)]
+    out = work / "cases.json"
+    out.write_text(json.dumps({"models": {k: str(v) for k, v in models.items()}, "cases": cases}, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    print(build(Path(sys.argv[1]), sys.argv[2]))

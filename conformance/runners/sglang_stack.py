@@ -1,0 +1,48 @@
+"""This project's SGLang plugin over the conformance cases (sglang venv): one `sglang.launch_server
+--dllm-algorithm BlockDiff` per served model, each batch sent as concurrent /generate requests.
+
+    python sglang_stack.py CASES.json OUT.json
+"""
+
+import json
+import sys
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "sglang"))
+
+from servers import free_port, running_server  # noqa: E402
+from sglang_cpu import CPU_ENV, launch_command  # noqa: E402
+
+
+def generate(url: str, r: dict) -> dict:
+    body = {"input_ids": r["prompt"], "sampling_params": {"temperature": 0, "max_new_tokens": r["max_tokens"],
+                                                          "custom_params": {"threshold": r["threshold"]}}}
+    req = urllib.request.Request(url + "/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    out = json.loads(urllib.request.urlopen(req, timeout=600).read())
+    meta = out["meta_info"]
+    accounting = meta["block_diffusion"][0]
+    return {"tokens": out["output_ids"], "finish_reason": meta["finish_reason"]["type"],
+            "denoise_forwards": accounting["denoise_forwards"], "nfe": accounting["nfe"]}
+
+
+def main() -> None:
+    cases_path, out_path = sys.argv[1:]
+    spec = json.loads(Path(cases_path).read_text())
+    records = {}
+    for name, path in spec["models"].items():
+        port = free_port()
+        cmd = launch_command(Path(path), port, "--context-length", "512", "--dllm-algorithm", "BlockDiff",
+                             "--max-running-requests", "8")
+        with running_server(cmd, port, Path(path) / "sglang-server.log", CPU_ENV) as url:
+            for case in (c for c in spec["cases"] if c["model"] == name):
+                with ThreadPoolExecutor(len(case["batch"])) as pool:
+                    records[case["id"]] = list(pool.map(lambda r: generate(url, r), case["batch"]))
+    Path(out_path).write_text(json.dumps(records))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Training conformance (nemo venv): the Megatron-side losses of `nemo_dllm` against the core's reference losses on
+fixed batches with fixed masks, fp32, for every objective the recipes train. Same weights in the core's reference
+model and in a megatron-core GPTModel (one CPU process, gloo).
+
+    python training.py OUT.json       # {objective: {"core": loss, "megatron": loss}}
+"""
+
+import json
+import sys
+
+import torch
+
+from blockdiff.batches import make_diffusion_batch
+from blockdiff.losses import cap_loss, diffusion_loss, dpo_loss, sft_loss, weighted_masked_nll
+from blockdiff.models import build_model, init_weights, tiny_dense_config
+from blockdiff.noise import MaskBand
+from blockdiff.train import diffusion_logits
+
+TOLERANCE = 1e-5
+
+
+def model_pair(seed: int, vocab: int):
+    from nemo_dllm import megatron_model
+
+    cfg = tiny_dense_config(vocab_size=vocab, num_hidden_layers=2)
+    ref = init_weights(build_model(cfg), seed, std=0.1)
+    gpt = megatron_model.build_gpt_model(cfg)
+    megatron_model.load_hf_weights(gpt, ref.state_dict(), cfg, 0, 1)
+    return ref, gpt
+
+
+def fixed_batch(objective: str, block: int, vocab: int, seed: int = 0, response_from: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab - 1, (3, 32), generator=g)
+    doc_ids = torch.tensor([[0] * 32, [0] * 12 + [1] * 20, [0] * 5 + [1] * 27])
+    maskable = None
+    if response_from is not None:
+        maskable = torch.zeros(3, 32, dtype=torch.bool)
+        maskable[:, response_from:] = True
+    return make_diffusion_batch(ids, doc_ids, block, objective, vocab - 1, MaskBand(0.2, 0.9), g, maskable=maskable)
+
+
+def loss_pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """objective -> (core loss, Megatron loss). Needs Megatron's parallel state (`nemo_dllm.parallel.init`)."""
+    from nemo_dllm import objectives
+
+    pairs = {}
+    ref, gpt = model_pair(0, 120)
+    for objective, block in [("bdlm", 1), ("bdlm", 4), ("bdlm", 8), ("mdlm", 32)]:
+        batch = fixed_batch(objective, block, 120)
+        core = diffusion_loss(diffusion_logits(ref, batch), batch.targets, batch.masked, batch.t_tok,
+                              batch.maskable.sum())
+        pairs[f"{objective} block {block}"] = (core, objectives.pretrain_loss(gpt, batch))
+    ref, gpt = model_pair(3, 5)  # a 4-token vocabulary: many masked positions are predicted right (CAP's term)
+    batch = fixed_batch("bdlm", 8, 5, seed=1, response_from=10)
+    logits = diffusion_logits(ref, batch)
+    pairs["sft"] = (sft_loss(logits, batch.targets, batch.masked, batch.t_tok, batch.maskable),
+                    objectives.sft_objective(gpt, batch))
+    pairs["cap (lambda 2)"] = (cap_loss(logits, batch.targets, batch.masked, batch.t_tok, batch.maskable, 2.0),
+                               objectives.sft_objective(gpt, batch, confidence_weight=2.0))
+    (policy_ref, policy), (reference_ref, reference) = model_pair(1, 120), model_pair(2, 120)
+    chosen = fixed_batch("bdlm", 8, 120, seed=1, response_from=10)
+    rejected = fixed_batch("bdlm", 8, 120, seed=5, response_from=10)
+
+    def nll(model, batch):
+        return weighted_masked_nll(diffusion_logits(model, batch), batch.targets, batch.masked, batch.t_tok)
+
+    pairs["dpo (beta 0.1)"] = (dpo_loss(nll(policy_ref, chosen), nll(policy_ref, rejected), nll(reference_ref, chosen),
+                                        nll(reference_ref, rejected), beta=0.1),
+                               objectives.dpo_objective(policy, reference, chosen, rejected, beta=0.1))
+    return pairs
+
+
+def main(out: str) -> None:
+    from nemo_dllm import parallel
+
+    parallel.init(tp_size=1, seed=0)
+    with torch.no_grad():
+        records = {k: {"core": float(a), "megatron": float(b)} for k, (a, b) in loss_pairs().items()}
+    open(out, "w").write(json.dumps(records))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

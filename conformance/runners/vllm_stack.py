@@ -1,0 +1,87 @@
+"""This project's vLLM plugin over the conformance cases (vllm venv), offline (`LLM`) or through
+`blockdiff-vllm-serve` with the OpenAI client. One engine per served model, in its own process; a batch is one
+`generate` call offline, concurrent requests on the server.
+
+    python vllm_stack.py {offline,server} CASES.json OUT.json
+"""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # the suites' server fixture helpers
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def record(token_ids, finish_reason, accounting) -> dict:
+    return {"tokens": list(token_ids), "finish_reason": finish_reason,
+            "denoise_forwards": accounting["denoise_forwards"], "nfe": accounting["nfe"]}
+
+
+def offline(path: str, cases: list[dict]) -> dict:
+    from vllm import LLM, SamplingParams
+
+    import vllm_blockdiff
+
+    llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+              **vllm_blockdiff.engine_kwargs())
+    records = {}
+    for case in cases:
+        params = [SamplingParams(temperature=0, max_tokens=r["max_tokens"], extra_args={"threshold": r["threshold"]})
+                  for r in case["batch"]]
+        outs = llm.generate([{"prompt_token_ids": r["prompt"]} for r in case["batch"]], params, use_tqdm=False)
+        records[case["id"]] = [record(o.outputs[0].token_ids, o.outputs[0].finish_reason,
+                                      o.kv_transfer_params["block_diffusion"]) for o in outs]
+    return records
+
+
+def server(path: str, cases: list[dict]) -> dict:
+    import openai
+    from servers import free_port, running_server
+
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("blockdiff-vllm-serve")), path, "--served-model-name", "m", "--dtype",
+           "float32", "--enforce-eager", "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port)]
+    records = {}
+    with running_server(cmd, port, Path(path) / "vllm-server.log", ENV) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+        def complete(r):
+            out = client.completions.create(model="m", prompt=r["prompt"], max_tokens=r["max_tokens"], temperature=0,
+                                            extra_body={"vllm_xargs": {"threshold": r["threshold"]},
+                                                        "return_token_ids": True})
+            return record(out.choices[0].token_ids, out.choices[0].finish_reason,
+                          out.kv_transfer_params["block_diffusion"])
+
+        for case in cases:
+            with ThreadPoolExecutor(len(case["batch"])) as pool:
+                records[case["id"]] = list(pool.map(complete, case["batch"]))
+    return records
+
+
+def main() -> None:
+    mode, cases_path, out_path, *one = sys.argv[1:]
+    spec = json.loads(Path(cases_path).read_text())
+    if one:  # a single model, in this process
+        name = one[0]
+        run = offline if mode == "offline" else server
+        records = run(spec["models"][name], [c for c in spec["cases"] if c["model"] == name])
+        Path(out_path).write_text(json.dumps(records))
+        return
+    records = {}
+    for name in spec["models"]:
+        part = Path(out_path).with_suffix(f".{name}.json")
+        done = subprocess.run([sys.executable, __file__, mode, cases_path, str(part), name],
+                              env={**os.environ, **ENV}, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"vllm {mode} failed on {name}:\n{done.stderr[-3000:]}")
+        records.update(json.loads(part.read_text()))
+    Path(out_path).write_text(json.dumps(records))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The conformance harness can fail: a decoder that commits confidences >= the threshold (instead of >) is reported,
+and identical records pass."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from blockdiff.models import BlockDiffusionSettings, build_model, init_weights, save_model, tiny_dense_config, \
+    with_block_diffusion
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "conformance"))
+
+from compare import compare  # noqa: E402
+
+
+def run_reference(cases: Path, out: Path, *flags: str) -> dict:
+    subprocess.run([sys.executable, str(ROOT / "conformance" / "runners" / "reference.py"), str(cases), str(out),
+                    *flags], check=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_a_ge_threshold_decoder_is_caught(tmp_path):
+    """A head scaled up makes many confidences exactly 1.0 in fp32; at threshold 1.0 the strict rule commits none of
+    them (one fallback per step) while `>=` commits them all at once."""
+    cfg = with_block_diffusion(tiny_dense_config(vocab_size=64, num_hidden_layers=2),
+                               BlockDiffusionSettings(mask_token_id=1, eos_token_ids=(0,), block_size=8))
+    model = init_weights(build_model(cfg), 0, std=0.2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)
+    save_model(model, cfg, tmp_path / "m")
+    batch = [{"prompt": [5, 6, 7, 8, 9][: n + 1], "threshold": 1.0, "max_tokens": 16} for n in range(4)]
+    spec = {"models": {"m": str(tmp_path / "m")}, "cases": [{"id": "m/batch0x4", "model": "m", "batch": batch}]}
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps(spec))
+    good = run_reference(cases, tmp_path / "good.json")
+    bad = run_reference(cases, tmp_path / "bad.json", "--perturb", "ge")
+    lines, ok = compare(spec, good, {"perturbed": bad})
+    assert not ok and any("denoise_forwards" in line and "[perturbed]" in line for line in lines), lines
+    assert compare(spec, good, {"same": good})[1]
