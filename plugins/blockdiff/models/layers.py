@@ -1,5 +1,5 @@
-"""Building blocks shared by the reference model implementations: RMSNorm, rotary embedding, attention with an
-explicit mask over an optional slot-addressed KV cache."""
+"""Building blocks shared by the reference model implementations: RMSNorm, the SwiGLU MLP, rotary embedding,
+attention with an explicit mask over an optional slot-addressed KV cache."""
 
 from __future__ import annotations
 
@@ -20,6 +20,19 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class MLP(nn.Module):
+    """The SwiGLU feed-forward of Qwen3, Llama and LLaDA2 (its dense layers, experts and shared expert)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def rope_cos_sin(positions: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from blockdiff.models.layers import DecoderShell, KVCache, RMSNorm, apply_rope, attention
+from blockdiff.models.layers import MLP, DecoderShell, KVCache, RMSNorm, apply_rope, attention
 
 # LLaDA2.0-mini/flash model cards: the tokens a checkpoint without a `block_diffusion` section decodes with.
 LLADA2_MASK_TOKEN_ID = 156895
@@ -100,17 +100,6 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, rows, positions, k, v, kv_len)
         out = attention(q, k, v, mask)
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Router(nn.Module):
