@@ -6,7 +6,6 @@
 
 import json
 import sys
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,18 +14,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "sglang"))
 
 from servers import free_port, running_server  # noqa: E402
-from sglang_cpu import CPU_ENV, launch_command  # noqa: E402
-
-
-def generate(url: str, r: dict) -> dict:
-    body = {"input_ids": r["prompt"], "sampling_params": {"temperature": 0, "max_new_tokens": r["max_tokens"],
-                                                          "custom_params": {"threshold": r["threshold"]}}}
-    req = urllib.request.Request(url + "/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
-    out = json.loads(urllib.request.urlopen(req, timeout=600).read())
-    meta = out["meta_info"]
-    accounting = meta["block_diffusion"][0]
-    return {"tokens": out["output_ids"], "finish_reason": meta["finish_reason"]["type"],
-            "denoise_forwards": accounting["denoise_forwards"], "nfe": accounting["nfe"]}
+from sglang_cpu import CPU_ENV, generate, launch_command  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +28,8 @@ def main() -> None:
         with running_server(cmd, port, Path(path) / "sglang-server.log", CPU_ENV) as url:
             for case in (c for c in spec["cases"] if c["model"] == name):
                 with ThreadPoolExecutor(len(case["batch"])) as pool:
-                    records[case["id"]] = list(pool.map(lambda r: generate(url, r), case["batch"]))
+                    results = pool.map(lambda r: generate(url, r), case["batch"])
+                    records[case["id"]] = [{k: v for k, v in g.items() if k != "meta"} for g in results]
     Path(out_path).write_text(json.dumps(records))
 
 

@@ -1,6 +1,9 @@
-"""How the sglang suite launches SGLang's server on this CPU (see docs/environments.md)."""
+"""How the sglang suite (and the conformance runner) launches SGLang's server on this CPU (see
+docs/environments.md) and sends it block-diffusion requests."""
 
+import json
 import sys
+import urllib.request
 from pathlib import Path
 
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
@@ -12,3 +15,22 @@ CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--sampli
 def launch_command(model: Path, port: int, *flags: str) -> list[str]:
     return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--port", str(port), *flags,
             *CPU_FLAGS]
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url + "/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=600).read())
+
+
+def generate(url: str, request: dict) -> dict:
+    """POST /generate for a request of the shared cases (prompt, threshold, max_tokens, optional temperature and
+    seed); returns the reference's fields, `nfe`, and SGLang's meta_info."""
+    sampling = {"temperature": request.get("temperature", 0.0), "max_new_tokens": request["max_tokens"],
+                "custom_params": {"threshold": request["threshold"]}}
+    if "seed" in request:
+        sampling["sampling_seed"] = request["seed"]
+    out = post(url, {"input_ids": request["prompt"], "sampling_params": sampling})
+    meta = out["meta_info"]
+    accounting = (meta.get("block_diffusion") or [{}])[0]  # empty for SGLang's own algorithms
+    return {"tokens": out["output_ids"], "finish_reason": meta["finish_reason"]["type"],
+            "denoise_forwards": accounting.get("denoise_forwards"), "nfe": accounting.get("nfe"), "meta": meta}

@@ -2,9 +2,7 @@
 token, for the dense tiny model and a tiny random LLaDA2MoeModelLM; SGLang's own LowConfidence on its own LLaDA2 model
 against the same reference where the semantics coincide; radix-cache reuse; and 400s for bad requests."""
 
-import json
 import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,26 +11,8 @@ import torch
 from blockdiff.models import read_config, save_model
 from decoding_cases import B, MASK, covers_the_hard_cases, make_served_model, reference, request_sets
 from servers import free_port, running_server
-from sglang_cpu import CPU_ENV, launch_command
+from sglang_cpu import CPU_ENV, generate, launch_command, post
 from tiny_models import make_tiny_blockdiff_model
-
-
-def generate(url: str, request: dict) -> dict:
-    """POST /generate; returns the reference's fields plus SGLang's meta_info."""
-    sampling = {"temperature": request.get("temperature", 0.0), "max_new_tokens": request["max_tokens"],
-                "custom_params": {"threshold": request["threshold"]}}
-    if "seed" in request:
-        sampling["sampling_seed"] = request["seed"]
-    out = post(url, {"input_ids": request["prompt"], "sampling_params": sampling})
-    meta = out["meta_info"]
-    accounting = (meta.get("block_diffusion") or [{}])[0]
-    return {"tokens": out["output_ids"], "finish_reason": meta["finish_reason"]["type"],
-            "denoise_forwards": accounting.get("denoise_forwards"), "meta": meta}
-
-
-def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url + "/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
-    return json.loads(urllib.request.urlopen(req, timeout=600).read())
 
 
 def same(got: list[dict], want: list[dict]) -> bool:
