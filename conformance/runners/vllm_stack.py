@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))  # the suites' server fixture helpers
+sys.path.insert(0, str(ROOT / "tests" / "vllm"))  # and the vLLM suite's offline engine driver
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
@@ -23,20 +24,10 @@ def record(token_ids, finish_reason, accounting) -> dict:
 
 
 def offline(path: str, cases: list[dict]) -> dict:
-    from vllm import LLM, SamplingParams
+    from engine_job import make_llm, run_batches
 
-    import vllm_blockdiff
-
-    llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
-              **vllm_blockdiff.engine_kwargs())
-    records = {}
-    for case in cases:
-        params = [SamplingParams(temperature=0, max_tokens=r["max_tokens"], extra_args={"threshold": r["threshold"]})
-                  for r in case["batch"]]
-        outs = llm.generate([{"prompt_token_ids": r["prompt"]} for r in case["batch"]], params, use_tqdm=False)
-        records[case["id"]] = [record(o.outputs[0].token_ids, o.outputs[0].finish_reason,
-                                      o.kv_transfer_params["block_diffusion"]) for o in outs]
-    return records
+    results = run_batches(make_llm(path), [case["batch"] for case in cases])
+    return {case["id"]: batch for case, batch in zip(cases, results)}
 
 
 def server(path: str, cases: list[dict]) -> dict:
