@@ -61,8 +61,7 @@ def accounting_outputs(streamer, reqs) -> dict[str, list]:
     for req in reqs:
         state = getattr(req, "blockdiff", None)
         finished = state is not None and req.finished()
-        values.append([state.accounting(len(req.output_ids[: req.finished_len or len(req.output_ids)]))]
-                      if finished else [])
+        values.append([state.accounting(req.finished_len or len(req.output_ids))] if finished else [])
     return {ACCOUNTING_KEY: values}
 
 
