@@ -16,7 +16,7 @@ Choices where DECODING.md is silent (also in docs/decoding.md):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor

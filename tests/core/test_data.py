@@ -1,5 +1,4 @@
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from blockdiff.data import (EOS, MASK, function_sft_pairs, humaneval_prompts, load_tokenizer, pack_documents,

@@ -7,7 +7,7 @@ token id, threshold, fallback count, EOS ids); the same weights without it are a
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
