@@ -6,6 +6,7 @@ file from the best checkpoint. Inputs are only read; the output must be a new di
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,21 @@ def select_top_k(scores: dict[Path, float], k: int, higher_is_better: bool) -> l
     return sorted(scores, key=lambda p: (-scores[p] if higher_is_better else scores[p], str(p)))[:k]
 
 
+def _check_same_config(checkpoints: list[Path]) -> None:
+    """Checkpoints of one model agree on config.json: averaging weights of different architectures or block-diffusion
+    settings would make a model that is neither."""
+    configs = []
+    for ckpt in checkpoints:
+        try:
+            configs.append(json.loads((ckpt / "config.json").read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise MergeError(f"checkpoint {ckpt} has no readable config.json: {e}") from e
+    for ckpt, config in zip(checkpoints[1:], configs[1:]):
+        differ = sorted(k for k in configs[0].keys() | config.keys() if configs[0].get(k) != config.get(k))
+        if differ:
+            raise MergeError(f"{ckpt}/config.json differs from {checkpoints[0]}/config.json in {differ[:5]}")
+
+
 def merge_checkpoints(checkpoints: list[Path], out_dir: Path) -> Path:
     """Average the weights of `checkpoints` (best first) into `out_dir`, accumulating in fp64."""
     checkpoints = [Path(c) for c in checkpoints]
@@ -43,6 +59,7 @@ def merge_checkpoints(checkpoints: list[Path], out_dir: Path) -> Path:
         raise MergeError(f"output directory {out_dir} already exists; the merge never overwrites")
     if any(out_dir.resolve() == c.resolve() for c in checkpoints):
         raise MergeError(f"output directory {out_dir} is one of the inputs")
+    _check_same_config(checkpoints)
     first = _load_weights(checkpoints[0])
     total = {name: w.double() for name, w in first.items()}
     for ckpt in checkpoints[1:]:
@@ -52,9 +69,9 @@ def merge_checkpoints(checkpoints: list[Path], out_dir: Path) -> Path:
             raise MergeError(f"{ckpt} has different weights than {checkpoints[0]}: missing {missing[:5]}, "
                              f"extra {extra[:5]}")
         for name, w in weights.items():
-            if w.shape != first[name].shape:
-                raise MergeError(f"{ckpt}: weight {name!r} has shape {tuple(w.shape)}, but {checkpoints[0]} has "
-                                 f"{tuple(first[name].shape)}")
+            if w.shape != first[name].shape or w.dtype != first[name].dtype:
+                raise MergeError(f"{ckpt}: weight {name!r} is {w.dtype} of shape {tuple(w.shape)}, but "
+                                 f"{checkpoints[0]} has {first[name].dtype} of shape {tuple(first[name].shape)}")
             total[name] += w.double()
     merged = {name: (t / len(checkpoints)).to(first[name].dtype).contiguous() for name, t in total.items()}
     tmp = out_dir.with_name(out_dir.name + ".partial")
