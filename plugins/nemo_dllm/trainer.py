@@ -9,6 +9,7 @@ uses a plain torch optimizer on both; on a GPU machine the same loop runs, only 
 
 import json
 import math
+import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -84,8 +85,9 @@ class Checkpoints:
         if rank == 0:
             (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1) + "\n")
             tmp.rename(final)
-            for old in self.steps()[: -self.keep_last]:
-                shutil.rmtree(self.path(old))
+            for old in self.steps()[: -self.keep_last]:  # unlisted first, so a kill mid-delete leaves no torso
+                doomed = self.path(old).rename(self.path(old).with_name(self.path(old).name + ".partial"))
+                shutil.rmtree(doomed)
         dist.barrier()
         return final
 
@@ -94,6 +96,22 @@ class Checkpoints:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         return json.loads((self.path(step) / "meta.json").read_text())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The metric records of `path`, without a last line cut short by a kill mid-append (its step comes after the
+    last checkpoint, so resuming recomputes it)."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON metrics record: {line[:80]!r}") from None
+    return records
 
 
 def train(cfg: TrainerConfig, model, loss_at: Callable[[int, torch.Generator], torch.Tensor], out_dir: Path,
@@ -112,12 +130,12 @@ def train(cfg: TrainerConfig, model, loss_at: Callable[[int, torch.Generator], t
     if ckpts.steps():
         start = ckpts.steps()[-1]
         ckpts.load(start, model, optimizer)
-    records = []
-    if metrics_path.exists():  # keep what the resumed-from checkpoint covers, drop steps after it
-        records = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] < start]
+    records = [r for r in read_metrics(metrics_path) if r["step"] < start]  # drop steps after the checkpoint
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp = metrics_path.with_name(metrics_path.name + ".partial")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, metrics_path)
     model.train()
     bar = tqdm(range(start, cfg.max_steps), desc=desc, initial=start, total=cfg.max_steps, disable=rank != 0,
                dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 15)
