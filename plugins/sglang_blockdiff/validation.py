@@ -16,7 +16,7 @@ UNSUPPORTED = {
     "presence_penalty": (0.0, WHY), "repetition_penalty": (1.0, WHY), "min_new_tokens": (0, WHY),
     "ignore_eos": (False, "the checkpoint's EOS ends the output by definition"), "json_schema": (None, WHY),
     "regex": (None, WHY), "ebnf": (None, WHY), "structural_tag": (None, WHY), "logit_bias": (None, WHY),
-    "beam_width": (None, WHY),
+    "beam_width": (None, WHY), "n": (1, "send separate requests"),
 }
 
 
@@ -28,10 +28,19 @@ def validate_request(req) -> str | None:
         value = getattr(sp, name, off)
         if value != off and value is not None and not (name == "top_k" and value in (-1, 0, 1)):
             return f"{name}={value!r} is not supported for block-diffusion models: {why}"
+    prompt = list(req.origin_input_ids)
+    if not prompt:
+        return "the prompt is empty: block diffusion needs at least one prompt token (text or input_ids)"
+    vocab = getattr(req, "vocab_size", None)
+    bad = next((i for i, t in enumerate(prompt) if t < 0 or (vocab is not None and t >= vocab)), None)
+    if bad is not None:
+        return f"input_ids[{bad}]={prompt[bad]} is out of vocabulary (size {vocab})"
+    if sp.max_new_tokens is not None and sp.max_new_tokens < 1:
+        return f"max_new_tokens must be >= 1, got {sp.max_new_tokens}"
     if req.return_logprob:
         return "logprobs are not supported for block-diffusion models: no per-position distribution is sampled"
-    if settings.mask_token_id in req.origin_input_ids:
-        position = list(req.origin_input_ids).index(settings.mask_token_id)
+    if settings.mask_token_id in prompt:
+        position = prompt.index(settings.mask_token_id)
         return (f"the prompt contains the mask token (id {settings.mask_token_id}) at position {position}; "
                 "block diffusion reserves it for undecided positions")
     try:
