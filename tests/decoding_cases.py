@@ -67,3 +67,19 @@ def covers_the_hard_cases(requests: list[dict], results: list[dict]) -> None:
     assert any(g["finish_reason"] == "stop" and (len(r["prompt"]) + len(g["tokens"])) % B for r, g in cases)
     assert any(g["finish_reason"] == "length" and len(g["tokens"]) % B for r, g in cases)
     assert {len(r["prompt"]) % B == 0 for r, _ in cases} == {True, False}
+
+
+def load_requests(vocab: int, n: int = 64, seed: int = 0) -> list[dict]:
+    """`n` requests for a load test: prompt lengths 1-70 on and off block boundaries, thresholds 0.95-0.0, max_tokens
+    cut inside and at the end of blocks, every eighth sampled with a seed, every other one streamed."""
+    rng = random.Random(seed)
+    requests = []
+    for i in range(n):
+        length = LENGTHS[i % len(LENGTHS)] if i % 2 else rng.randrange(1, 71)
+        request = {"prompt": [rng.randrange(2, vocab) for _ in range(length)], "threshold": (0.95, 0.7, 0.5, 0.0)[i % 4],
+                   "max_tokens": (7, 32, 45, 64, 16)[i % 5], "stream": i % 2 == 0}
+        if i % 8 == 3:
+            request.update(temperature=0.8, seed=i)
+        requests.append(request)
+    requests[0]["prompt"] = PROBE  # ends inside its first block at the EOS make_served_model chose
+    return requests

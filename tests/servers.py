@@ -7,10 +7,12 @@ import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+_PROCESS_GROUPS: dict[str, int] = {}  # base URL -> the server's process group, for group_rss
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -38,11 +40,46 @@ def running_server(cmd: list[str], port: int, log_path: Path, env: dict[str, str
                 if time.time() > deadline:
                     raise RuntimeError(f"{cmd[0]} not up in {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
                 time.sleep(1)
+        _PROCESS_GROUPS[url] = proc.pid
         yield url
     finally:
+        _PROCESS_GROUPS.pop(url, None)
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def group_rss(url: str) -> int:
+    """Resident bytes of every process of the server at `url` (API server, engine, workers), read from /proc."""
+    group, total = _PROCESS_GROUPS[url], 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[2]) == group:  # field 5 of stat, the process group id
+            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24, rss in pages
+    return total
+
+
+def metric(url: str, name: str) -> float:
+    """The sum over labels of Prometheus metric `name` on the server's /metrics page."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def check_batch_invariance(url: str, send, requests: list[dict], passes: int, settle) -> tuple[list[dict], list[int]]:
+    """Serve each request alone, then all at once `passes` times (each pass must equal the lone answers, then
+    `settle()` waits for the server to go idle). Returns the lone answers and the server's RSS after each pass."""
+    alone = [send(r) for r in requests]
+    rss = []
+    for _ in range(passes):
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(send, requests))
+        assert together == alone
+        settle()
+        rss.append(group_rss(url))
+    return alone, rss

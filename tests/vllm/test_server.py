@@ -4,7 +4,6 @@ requests, and 400s that name the bad parameter. One server for the module."""
 
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from transformers import AutoTokenizer
 
 from blockdiff.data import render_chat
 from blockdiff.decoding import DecodeParams, ReferenceDecoder
-from servers import free_port, running_server
+from servers import free_port, metric, running_server
 from tiny_models import make_tiny_blockdiff_model
 
 B, MASK, EOS = 32, 1, (0,)
@@ -106,18 +105,17 @@ def test_bad_requests_get_a_400_naming_the_problem(server, kwargs, needle):
     assert complete(server, [5, 6, 7], 3).choices[0].token_ids  # the server goes on serving
 
 
-def metric(server, name: str) -> float:
-    text = urllib.request.urlopen(server["url"] + "/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
-
-
 def test_a_cancelled_stream_frees_its_kv_cache(server):
     stream = complete(server, [5, 6, 7], 400, threshold=1.0, stream=True)  # 1 token per step: long-running
     next(iter(stream))
-    assert metric(server, "vllm:kv_cache_usage_perc") > 0
+    # The gauge is refreshed by vLLM's stat logger after the step whose output we just read: poll, don't sample once.
+    deadline = time.time() + 30
+    while not metric(server["url"], "vllm:kv_cache_usage_perc"):
+        assert time.time() < deadline, "a running request never showed up in the KV cache usage"
+        time.sleep(0.1)
     stream.close()
     deadline = time.time() + 60
-    while metric(server, "vllm:num_requests_running") or metric(server, "vllm:kv_cache_usage_perc"):
+    while metric(server["url"], "vllm:num_requests_running") or metric(server["url"], "vllm:kv_cache_usage_perc"):
         assert time.time() < deadline, "the cancelled request still holds KV cache"
         time.sleep(0.5)
     assert complete(server, [5, 6, 7], 3).choices[0].token_ids
