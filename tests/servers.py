@@ -2,14 +2,16 @@
 message, and its whole process group stopped at the end (servers spawn engine processes)."""
 
 import contextlib
+import http.client
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 _PROCESS_GROUPS: dict[str, int] = {}  # base URL -> the server's process group, for group_rss
@@ -66,9 +68,11 @@ def group_rss(url: str) -> int:
 
 
 def metric(url: str, name: str) -> float:
-    """The sum over labels of Prometheus metric `name` on the server's /metrics page."""
+    """The sum over labels of Prometheus metric `name` on the server's /metrics page; `name` may end with leading
+    labels to select on (`'sglang:http_requests_active{endpoint="/generate"'`)."""
+    prefix = name if "{" in name else name + "{"
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
 def check_batch_invariance(url: str, send, requests: list[dict], passes: int, settle) -> tuple[list[dict], list[int]]:
@@ -83,3 +87,23 @@ def check_batch_invariance(url: str, send, requests: list[dict], passes: int, se
         settle()
         rss.append(group_rss(url))
     return alone, rss
+
+
+def abandon_midway(url: str, path: str, body: dict, running_metric: str, read_first_event: bool = False) -> None:
+    """A client that vanishes: POST `body` to `path`, wait until the server's `running_metric` is positive (it
+    counts the request running, or its KV in use), and when streaming until the first event arrives (a committed
+    block), then drop the connection without reading the rest. No timing guesses: the request is known to be in
+    flight when the client leaves."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    deadline = time.time() + 60
+    while metric(url, running_metric) <= 0:
+        assert time.time() < deadline, f"the request never showed up in {running_metric}"
+        time.sleep(0.02)
+    if read_first_event:
+        response = conn.getresponse()
+        assert response.status == 200, response.read()[:500]
+        while not response.readline().startswith(b"data: "):
+            pass
+    conn.close()

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from blockdiff.data import render_chat
 from blockdiff.decoding import DecodeParams, ReferenceDecoder
-from servers import free_port, metric, running_server
+from servers import abandon_midway, free_port, metric, running_server
 from tiny_models import make_tiny_blockdiff_model
 
 B, MASK, EOS = 32, 1, (0,)
@@ -106,14 +106,9 @@ def test_bad_requests_get_a_400_naming_the_problem(server, kwargs, needle):
 
 
 def test_a_cancelled_stream_frees_its_kv_cache(server):
-    stream = complete(server, [5, 6, 7], 400, threshold=1.0, stream=True)  # 1 token per step: long-running
-    next(iter(stream))
-    # The gauge is refreshed by vLLM's stat logger after the step whose output we just read: poll, don't sample once.
-    deadline = time.time() + 30
-    while not metric(server["url"], "vllm:kv_cache_usage_perc"):
-        assert time.time() < deadline, "a running request never showed up in the KV cache usage"
-        time.sleep(0.1)
-    stream.close()
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 400, "stream": True,
+            "vllm_xargs": {"threshold": 1.0}}  # one token per step: long-running
+    abandon_midway(server["url"], "/v1/completions", body, "vllm:num_requests_running", read_first_event=True)
     deadline = time.time() + 60
     while metric(server["url"], "vllm:num_requests_running") or metric(server["url"], "vllm:kv_cache_usage_perc"):
         assert time.time() < deadline, "the cancelled request still holds KV cache"
