@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.nn.attention.flex_attention import create_mask, flex_attention
+from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
 
-from blockdiff.masks import (bdlm_block_mask, bdlm_mask, block_causal_mask, check_doc_ids, document_positions,
-                             mdlm_block_mask, mdlm_mask)
+from blockdiff.masks import (COMPILE_BLOCK_MASKS_FROM, bdlm_block_mask, bdlm_mask, block_causal_mask, check_doc_ids,
+                             document_positions, mdlm_block_mask, mdlm_mask)
 
 
 @st.composite
@@ -84,6 +84,21 @@ def test_flex_attention_with_block_mask_equals_sdpa_with_dense_mask():
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     out = flex_attention(q, k, v, block_mask=bdlm_block_mask(doc_ids, 8, tile=32))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_block_mask_at_training_length_equals_the_eager_one():
+    """From COMPILE_BLOCK_MASKS_FROM on, the BlockMask is built by a compiled create_block_mask: same tiles, same
+    attention."""
+    torch.manual_seed(0)
+    doc_ids = torch.tensor([[0] * 200 + [1] * 184 + [2] * 128])
+    assert 2 * doc_ids.shape[1] >= COMPILE_BLOCK_MASKS_FROM
+    compiled = bdlm_block_mask(doc_ids, 32)
+    eager = create_block_mask(compiled.mask_mod, 1, None, 1024, 1024, BLOCK_SIZE=128)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
+    q, k, v = (torch.randn(1, 2, 1024, 16) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bdlm_mask(doc_ids, 32)[:, None])
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=compiled), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_block_mask_skips_fully_masked_tiles():
