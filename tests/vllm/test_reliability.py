@@ -16,7 +16,7 @@ from blockdiff.models import read_config
 from decoding_cases import MASK, load_requests, make_served_model
 from servers import abandon_midway, check_batch_invariance, free_port, metric, running_server
 
-KV_PAGES = 24  # pages of 32 tokens: the 64 requests need ~200 together, one request at most 4
+KV_PAGES = 24  # pages of 32 tokens: the 64 requests need ~200 together, one request at most 8 (256 tokens)
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +80,23 @@ def test_64_concurrent_clients_get_what_each_gets_alone(server, figures):
     alone, rss = check_batch_invariance(server["url"], lambda r: complete(server, r), requests, 3,
                                         lambda: wait_until_idle(server))
     assert any(a["finish_reason"] == "stop" for a in alone) and any(a["finish_reason"] == "length" for a in alone)
-    preemptions = metric(server["url"], "vllm:num_preemptions_total") - preempted_before
-    assert preemptions > 0, "the KV cache was meant to run out; nothing was preempted"
+    preemptions = metric(server["url"], "vllm:num_preemptions_total") - preempted_before  # how many: timing
     growth = rss[-1] - rss[0]
     figures.update(requests=4 * len(requests), concurrent=3 * len(requests),
                    streamed=4 * sum(r["stream"] for r in requests), preemptions=int(preemptions),
                    rss_mb=[round(r / 2**20) for r in rss])
     assert growth < 0.02 * rss[0], f"the server grew by {growth / 2**20:.0f} MB between identical loads"
+
+
+def test_an_exhausted_kv_cache_preempts_and_recovers(server, figures):
+    """8 requests that each grow to 8 pages, on 24: all are admitted (2 pages each at first), so however they
+    interleave the cache runs out and vLLM must preempt; each still gets what it gets alone."""
+    requests = [{"prompt": [9, 10, 11 + i], "threshold": 1.0, "max_tokens": 240} for i in range(8)]
+    preempted_before = metric(server["url"], "vllm:num_preemptions_total")
+    check_batch_invariance(server["url"], lambda r: complete(server, r), requests, 1, lambda: wait_until_idle(server))
+    preemptions = metric(server["url"], "vllm:num_preemptions_total") - preempted_before
+    assert preemptions > 0, "the KV cache was meant to run out; nothing was preempted"
+    figures.update(exhaustion_requests=2 * len(requests), exhaustion_preemptions=int(preemptions))
 
 
 def test_clients_that_vanish_mid_block_free_their_cache(server, figures):
