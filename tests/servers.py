@@ -5,6 +5,7 @@ import contextlib
 import http.client
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -99,6 +100,10 @@ def abandon_midway(url: str, path: str, body: dict, running_metric: str, read_fi
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     deadline = time.time() + 60
     while metric(url, running_metric) <= 0:
+        if select.select([conn.sock], [], [], 0)[0]:  # answered before it was ever seen running: say with what
+            response = conn.getresponse()
+            raise AssertionError(f"answered {response.status} before it showed up in {running_metric}: "
+                                 f"{response.read()[:500]!r}")
         assert time.time() < deadline, f"the request never showed up in {running_metric}"
         time.sleep(0.02)
     if read_first_event:
