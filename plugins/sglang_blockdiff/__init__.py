@@ -31,6 +31,8 @@ def register() -> None:
                           HookType.AROUND)
     HookRegistry.register("sglang.srt.managers.tp_worker.TpModelWorker._forward_batch_generation_dllm",
                           hooks.attach_requests, HookType.AROUND)
+    HookRegistry.register("sglang.srt.managers.schedule_policy.PrefillAdder.add_dllm_staging_req",
+                          hooks.stage_whole_blocks_only, HookType.AROUND)
     # SGLang's extension point for per-request output fields
     SchedulerOutputStreamer.has_additional_customized_info = True
     HookRegistry.register(f"{SchedulerOutputStreamer.__module__}.SchedulerOutputStreamer."

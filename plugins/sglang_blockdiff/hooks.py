@@ -1,4 +1,4 @@
-"""The three places SGLang is hooked (through its HookRegistry, see `register`)."""
+"""The places SGLang is hooked (through its HookRegistry, see `register`)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,21 @@ def accounting_outputs(streamer, reqs) -> dict[str, list]:
         finished = state is not None and req.finished()
         values.append([state.accounting(req.finished_len or len(req.output_ids))] if finished else [])
     return {ACCOUNTING_KEY: values}
+
+
+def stage_whole_blocks_only(original, adder, req):
+    """`PrefillAdder.add_dllm_staging_req`: a request's next block runs whole or waits for the next round. SGLang
+    0.5.23 cuts the block to the round's remaining KV budget, which its own reservations for this round's requests
+    can bring below a block, and once that budget is spent it stops counting KV and extends by up to the round's
+    compute budget; either way the forward fails on mismatched buffers and kills the scheduler. Waiting is safe:
+    the round's offsets are reset next round, and SGLang admits a request only with room for its max_new_tokens."""
+    block = adder.dllm_config.block_size
+    if not adder.dllm_config.requires_separate_context_encoding and \
+            min(adder.rem_dllm_tokens, int(adder.rem_total_tokens)) < block:
+        from sglang.srt.managers.schedule_policy import AddReqResult
+
+        return AddReqResult.NO_TOKEN
+    return original(adder, req)
 
 
 def scale_native_moe_output(output, layer, x, topk_output, moe_runner_config):

@@ -2,8 +2,8 @@
 request gets alone (16 run at a time, the rest queue); clients that vanish mid-block or
 time out free their cache; bad input is a 400 naming the field; the server goes on serving after all of it. SGLang's
 own idle-time pool check runs in strict mode, so a leaked KV slot stops the scheduler and fails the next request.
-One server for the module, plus one with a KV pool too small for its running requests, which SGLang 0.5.23's dLLM
-scheduler does not survive (a strict xfail that says so). The figures go to docs/reliability.md."""
+One server for the module, plus one with a KV pool too small for its running requests: requests wait for KV
+(this plugin's admission check; SGLang 0.5.23 alone crashes there) and every answer equals the reference decoder's. The figures go to docs/reliability.md."""
 
 import contextlib
 import json
@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from blockdiff.models import read_config
-from decoding_cases import MASK, load_requests, make_served_model
+from decoding_cases import B, MASK, load_requests, make_served_model, reference
 from servers import abandon_midway, check_batch_invariance, free_port, metric, running_server
 from sglang_cpu import CPU_ENV, launch_command, post
 
@@ -31,13 +31,14 @@ def server(tmp_path_factory):
 
 @contextlib.contextmanager
 def sglang_server(path, *flags: str):
-    make_served_model(path, "dense")
+    model, eos = make_served_model(path, "dense")
     port = free_port()
     cmd = launch_command(path, port, "--context-length", "256", "--dllm-algorithm", "BlockDiff",
                          "--max-running-requests", str(MAX_RUNNING), "--enable-metrics", *flags)
     env = CPU_ENV | {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
     with running_server(cmd, port, path / "server.log", env) as url:
-        yield {"url": url, "vocab": read_config(path)["vocab_size"], "log": path / "server.log"}
+        yield {"url": url, "vocab": read_config(path)["vocab_size"], "log": path / "server.log", "model": model,
+               "eos": eos}
 
 
 def body(request: dict) -> dict:
@@ -155,12 +156,19 @@ def test_after_all_of_it_the_server_is_idle_and_serving(server, figures):
     figures.update(bad_inputs=len(BAD_REQUESTS), lost=0)
 
 
-@pytest.mark.xfail(strict=True, raises=(ConnectionError, urllib.error.URLError), reason=(
-    "SGLang 0.5.23's dLLM scheduler admits requests without reserving KV for their later blocks; when the pool runs "
-    "short it schedules a partial block and the forward fails on mismatched buffers, killing the scheduler (FDFO or "
-    "not, radix cache or not). Passes, and so fails this strict xfail, once SGLang handles it."))
-def test_an_exhausted_kv_pool_is_survived(tmp_path):
-    with sglang_server(tmp_path, "--max-total-tokens", "1024") as served:  # the 64 requests need ~8,000 tokens
-        requests = load_requests(served["vocab"], 64, seed=1)
+def test_an_exhausted_kv_pool_makes_requests_wait_and_all_complete(tmp_path, figures):
+    with sglang_server(tmp_path, "--max-total-tokens", "512") as served:
+        # every request runs to 64 tokens (3-5 blocks) unless it meets an EOS: 16 of them need up to 2,400 slots
+        requests = [r | {"max_tokens": 64} for r in load_requests(served["vocab"], 32, seed=1)]
+        need = sorted(-(-(len(r["prompt"]) + r["max_tokens"]) // B) * B for r in requests)
+        assert sum(need[-MAX_RUNNING:]) > 512, "the pool was meant to be too small for the running requests"
         with ThreadPoolExecutor(len(requests)) as pool:
-            list(pool.map(lambda r: generate(served, r), requests))
+            together = list(pool.map(lambda r: generate(served, r), requests))
+        expected = [{"tokens": r["tokens"], "finish_reason": r["finish_reason"]}
+                    for r in reference(served["model"], served["eos"], requests)]
+        assert together == expected
+        wait_until_idle(served)
+        assert generate(served, {"prompt": [5, 6, 7], "threshold": 0.5, "max_tokens": 5})["tokens"]
+        assert "memory leak detected" not in served["log"].read_text()
+        figures.update(short_pool_tokens=512, short_pool_requests=len(requests),
+                       short_pool_need_of_16_running=sum(need[-MAX_RUNNING:]))
