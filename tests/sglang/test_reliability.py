@@ -2,8 +2,9 @@
 request gets alone (16 run at a time, the rest queue); clients that vanish mid-block or
 time out free their cache; bad input is a 400 naming the field; the server goes on serving after all of it. SGLang's
 own idle-time pool check runs in strict mode, so a leaked KV slot stops the scheduler and fails the next request.
-One server for the module, plus one with a KV pool too small for its running requests: requests wait for KV
-(this plugin's admission check; SGLang 0.5.23 alone crashes there) and every answer equals the reference decoder's. The figures go to docs/reliability.md."""
+One server for the module, plus one with a KV pool too small for its running requests: blocks wait for KV (the
+plugin's `stage_whole_blocks_only`; SGLang 0.5.23 alone kills its scheduler there) and every answer equals the
+reference decoder's. The figures go to docs/reliability.md."""
 
 import contextlib
 import json
@@ -158,7 +159,7 @@ def test_after_all_of_it_the_server_is_idle_and_serving(server, figures):
 
 def test_an_exhausted_kv_pool_makes_requests_wait_and_all_complete(tmp_path, figures):
     with sglang_server(tmp_path, "--max-total-tokens", "512") as served:
-        # every request runs to 64 tokens (3-5 blocks) unless it meets an EOS: 16 of them need up to 2,400 slots
+        # every request runs to 64 tokens (3-5 blocks) unless it meets an EOS: 16 of them need over 2,000 slots
         requests = [r | {"max_tokens": 64} for r in load_requests(served["vocab"], 32, seed=1)]
         need = sorted(-(-(len(r["prompt"]) + r["max_tokens"]) // B) * B for r in requests)
         assert sum(need[-MAX_RUNNING:]) > 512, "the pool was meant to be too small for the running requests"
