@@ -47,21 +47,39 @@ class DecodeParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
 
+# the per-request overrides a served request may carry (vLLM's `vllm_xargs`, SGLang's `custom_params`)
+OVERRIDE_KEYS = ("threshold", "fallback_k", "block_size")
+
+
+def check_overrides(overrides: object) -> dict:
+    """The overrides as a dict (None: none); ValueError for anything but an object with keys from OVERRIDE_KEYS,
+    listing them."""
+    overrides = {} if overrides is None else overrides
+    if not isinstance(overrides, dict):
+        raise ValueError(f"must be an object with keys from {', '.join(OVERRIDE_KEYS)}, got {overrides!r:.100}")
+    unknown = sorted(str(k) for k in overrides if k not in OVERRIDE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                         f"block diffusion accepts {', '.join(OVERRIDE_KEYS)}")
+    return overrides
+
+
 def request_params(settings: BlockDiffusionSettings, *, max_tokens: int, temperature: float, seed: int,
                    overrides: dict | None) -> DecodeParams:
     """A served request's parameters: the checkpoint's settings, with the per-request overrides a serving stack
     passes through (`threshold`, `fallback_k`; `block_size` only restating the served one, because the KV layout and
-    scheduling are per server). Raises ValueError naming the bad key; other keys are left to the stack."""
-    overrides = overrides or {}
+    scheduling are per server). Raises ValueError naming the bad key, or listing the accepted ones for an unknown
+    key; the stack names its own field in front of the message."""
+    overrides = check_overrides(overrides)
     threshold = overrides.get("threshold", settings.threshold)
     fallback_k = overrides.get("fallback_k", settings.fallback_k)
     block_size = overrides.get("block_size", settings.block_size)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r:.100}")
     if isinstance(fallback_k, bool) or not isinstance(fallback_k, int) or fallback_k < 1:
-        raise ValueError(f"fallback_k must be an integer >= 1, got {fallback_k!r}")
+        raise ValueError(f"fallback_k must be an integer >= 1, got {fallback_k!r:.100}")
     if block_size != settings.block_size:
-        raise ValueError(f"block_size {block_size!r} differs from the served block size {settings.block_size}; "
+        raise ValueError(f"block_size {block_size!r:.100} differs from the served block size {settings.block_size}; "
                          "the block size is chosen when the server starts")
     return DecodeParams(max_tokens=max_tokens, block_size=settings.block_size, threshold=float(threshold),
                         fallback_k=fallback_k, temperature=temperature, seed=seed)

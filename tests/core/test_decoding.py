@@ -148,10 +148,13 @@ def test_request_params_take_overrides_and_name_bad_ones():
     from blockdiff.models import BlockDiffusionSettings
 
     settings = BlockDiffusionSettings(mask_token_id=1, eos_token_ids=(0,), block_size=32, threshold=0.9)
-    p = request_params(settings, max_tokens=5, temperature=0.0, seed=0, overrides={"threshold": 0.5, "other": 1})
+    p = request_params(settings, max_tokens=5, temperature=0.0, seed=0, overrides={"threshold": 0.5})
     assert (p.threshold, p.fallback_k, p.block_size) == (0.5, 1, 32)
     assert request_params(settings, max_tokens=5, temperature=0.0, seed=0, overrides=None).threshold == 0.9
     for bad, match in [({"threshold": 2}, "threshold must be"), ({"threshold": True}, "threshold must be"),
-                       ({"fallback_k": 0}, "fallback_k must be"), ({"block_size": 64}, "block_size 64 differs")]:
+                       ({"fallback_k": 0}, "fallback_k must be"), ({"block_size": 64}, "block_size 64 differs"),
+                       ({"treshold": 0.5}, "unknown key 'treshold'; block diffusion accepts threshold, fallback_k, "
+                                           "block_size"),
+                       ("0.5", "must be an object with keys from threshold"), ([1], "must be an object")]:
         with pytest.raises(ValueError, match=match):
             request_params(settings, max_tokens=5, temperature=0.0, seed=0, overrides=bad)
