@@ -6,6 +6,7 @@ from typing import Any
 
 SCHEDULER_CLS = "vllm_blockdiff.scheduler.BlockDiffusionScheduler"
 WORKER_CLS = "vllm_blockdiff.worker.BlockDiffusionWorker"
+REQUEST_GUARD = "blockdiff.http_guard.RequestGuard"  # body size limit, JSON bodies that are objects
 
 
 def engine_kwargs(**overrides: Any) -> dict[str, Any]:
@@ -17,6 +18,6 @@ def engine_kwargs(**overrides: Any) -> dict[str, Any]:
 
 
 def server_args() -> list[str]:
-    """The same settings as `vllm serve` flags."""
+    """The same settings as `vllm serve` flags, and the request guard in front of the server."""
     return ["--scheduler-cls", SCHEDULER_CLS, "--worker-cls", WORKER_CLS, "--no-enable-prefix-caching",
-            "--no-async-scheduling"]
+            "--no-async-scheduling", "--middleware", REQUEST_GUARD]

@@ -5,10 +5,15 @@ anyway: before it, the canvas positions' input ids are set to the block's curren
 elsewhere); after it, the block's logits go through the core's `BlockState` (rules 2-6 of DECODING.md, never
 re-derived here), and when a block fills, its generated tokens leave as that step's sampled tokens, which vLLM's own
 stop checks then cut at EOS or max_tokens exactly as the reference does.
+
+This runs in vLLM's engine process, where an exception ends the whole server: whatever goes wrong with one request's
+block leaves as that request's `FAILED` row, and the scheduler ends the request with vLLM's error finish (a 500 for
+that request alone).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 
@@ -21,7 +26,10 @@ from blockdiff.decoding import BlockState, request_params
 from blockdiff.models.hf_config import block_diffusion_settings
 
 PLACEHOLDER = -1  # vLLM's padding id in sampled-token rows; dropped by its output parsing
+FAILED = -2  # a sampled-token row [FAILED]: this request's block failed; the scheduler ends it with an error
 RECORD_ENV = "VLLM_BLOCKDIFF_RECORD"  # "1": keep every denoising step's inputs and logits, to verify them
+
+logger = logging.getLogger(__name__)
 
 
 class BlockDiffusionRunnerMixin:
@@ -32,6 +40,7 @@ class BlockDiffusionRunnerMixin:
         self.settings = block_diffusion_settings(vllm_config.model_config.hf_config)
         self.block_states: dict[str, BlockState] = {}
         self.committed_this_step: dict[str, list[int]] = {}
+        self.failed: set[str] = set()  # requests whose block failed; their rows say FAILED until vLLM ends them
         self.records: list[dict] | None = [] if os.environ.get(RECORD_ENV) == "1" else None
 
     def _block_state(self, req_id: str) -> BlockState:
@@ -52,12 +61,25 @@ class BlockDiffusionRunnerMixin:
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         for req_id in scheduler_output.finished_req_ids:
             self.block_states.pop(req_id, None)
+            self.failed.discard(req_id)
         canvases = {}
-        for req_id in scheduler_output.scheduled_spec_decode_tokens:
-            state = self._block_state(req_id)
-            canvases[req_id] = state.block[self.requests[req_id].num_tokens - state.block_start:].tolist()
+        for req_id, scheduled in scheduler_output.scheduled_spec_decode_tokens.items():
+            if req_id in self.failed:  # its FAILED row is on the way to the scheduler
+                canvases[req_id] = [self.settings.mask_token_id] * len(scheduled)
+                continue
+            try:
+                state = self._block_state(req_id)
+                canvases[req_id] = state.block[self.requests[req_id].num_tokens - state.block_start:].tolist()
+            except Exception as e:  # noqa: BLE001 - one request's failure is that request's error
+                self._fail(req_id, e)
+                canvases[req_id] = [self.settings.mask_token_id] * len(scheduled)
         scheduler_output = replace(scheduler_output, scheduled_spec_decode_tokens=canvases)
         return super().execute_model(scheduler_output, intermediate_tensors)
+
+    def _fail(self, req_id: str, error: Exception) -> None:
+        logger.exception("block diffusion failed for request %s", req_id, exc_info=error)
+        self.failed.add(req_id)
+        self.block_states.pop(req_id, None)
 
     @torch.inference_mode()
     def sample_tokens(self, grammar_output):
@@ -68,24 +90,35 @@ class BlockDiffusionRunnerMixin:
 
     def _denoise(self, scheduler_output, hidden_states: torch.Tensor) -> dict[str, list[int]]:
         """One denoising step for every request that carried a canvas; returns the tokens of blocks that filled."""
-        b = self.settings.block_size
         committed, offset = {}, 0
         for index, req_id in enumerate(self.input_batch.req_ids):
             n = scheduler_output.num_scheduled_tokens[req_id]
-            if req_id in scheduler_output.scheduled_spec_decode_tokens:
-                state = self.block_states[req_id]
-                first = offset + state.block_start - int(self.input_batch.num_computed_tokens_cpu[index])
-                logits = self.model.compute_logits(hidden_states[first: first + b]).float().cpu()
-                if self.records is not None:
-                    self.records.append({"context": list(state.committed), "block": state.block.tolist(),
-                                         "logits": logits.clone()})
-                if state.step(logits):
-                    before = len(state.output)
-                    if state.finish_block():
-                        state.next_block()
-                    committed[req_id] = state.output[before:]
+            if req_id in scheduler_output.scheduled_spec_decode_tokens and req_id not in self.failed:
+                try:
+                    tokens = self._denoise_request(req_id, index, offset, hidden_states)
+                except Exception as e:  # noqa: BLE001 - one request's failure is that request's error
+                    self._fail(req_id, e)
+                else:
+                    if tokens is not None:
+                        committed[req_id] = tokens
             offset += n
         return committed
+
+    def _denoise_request(self, req_id: str, index: int, offset: int, hidden_states: torch.Tensor
+                         ) -> list[int] | None:
+        """One request's denoising step from its rows of the forward; its new output tokens if the block filled."""
+        state = self.block_states[req_id]
+        first = offset + state.block_start - int(self.input_batch.num_computed_tokens_cpu[index])
+        logits = self.model.compute_logits(hidden_states[first: first + self.settings.block_size]).float().cpu()
+        if self.records is not None:
+            self.records.append({"context": list(state.committed), "block": state.block.tolist(),
+                                 "logits": logits.clone()})
+        if not state.step(logits):
+            return None
+        before = len(state.output)
+        if state.finish_block():
+            state.next_block()
+        return state.output[before:]
 
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
         """The committed blocks as this step's sampled tokens (vLLM's sampler has nothing to sample here)."""
@@ -94,6 +127,9 @@ class BlockDiffusionRunnerMixin:
         rows = torch.full((self.input_batch.num_reqs, width), PLACEHOLDER, dtype=torch.int32)
         for req_id, tokens in committed.items():
             rows[self.input_batch.req_id_to_index[req_id], : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
+        for req_id in self.failed:
+            if req_id in self.input_batch.req_id_to_index:
+                rows[self.input_batch.req_id_to_index[req_id], 0] = FAILED
         return SamplerOutput(sampled_token_ids=rows.to(self.device), logprobs_tensors=None)
 
     def take_records(self) -> list[dict]:

@@ -10,7 +10,8 @@ so the stock scheduler gives it KV slots and schedules it with the request. Thre
   (`update_from_output`): the canvas' KV is scratch, rewritten by the next step, and a finished block's KV becomes
   final in the step after it is committed (that forward is fused with the next block's first denoising step);
 - the output carries the reference accounting (`denoise_forwards`, `nfe`, `tpf`) and the request's preemption
-  count when it finishes.
+  count when it finishes;
+- a request whose block failed in the runner (its sampled row is `[FAILED]`) ends with vLLM's error finish, alone.
 
 The model runner (`vllm_blockdiff.model_runner`) decides what the canvas holds and what is committed.
 """
@@ -19,10 +20,12 @@ from __future__ import annotations
 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import ModelRunnerOutput
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from blockdiff.models.hf_config import block_diffusion_settings
+from vllm_blockdiff.model_runner import FAILED
 
 ACCOUNTING_KEY = "block_diffusion"
 
@@ -74,6 +77,10 @@ class BlockDiffusionScheduler(Scheduler):
         return spec_decoding_stats
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput):
+        failed = [rid for rid, row in zip(model_runner_output.req_ids, model_runner_output.sampled_token_ids)
+                  if FAILED in row]
+        for rid in failed:
+            model_runner_output.sampled_token_ids[model_runner_output.req_id_to_index[rid]] = []
         committed_before = {rid: self.requests[rid].num_tokens
                             for rid in scheduler_output.num_scheduled_tokens if rid in self.requests}
         for rid in committed_before:
@@ -97,6 +104,10 @@ class BlockDiffusionScheduler(Scheduler):
                     out.kv_transfer_params = {**(out.kv_transfer_params or {}), ACCOUNTING_KEY: {
                         "denoise_forwards": denoise, "nfe": nfe, "tpf": tokens / denoise if denoise else 0.0,
                         "preemptions": preemptions}}
+        for request in self.finish_requests(failed, RequestStatus.FINISHED_ERROR):
+            client = outputs.setdefault(request.client_index, EngineCoreOutputs())
+            client.outputs.append(EngineCoreOutput(request_id=request.request_id, new_token_ids=[],
+                                                   finish_reason=request.get_finished_reason()))
         for rid in [rid for rid in self.accounting if rid not in self.requests]:
             del self.accounting[rid]
         return outputs

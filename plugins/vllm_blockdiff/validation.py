@@ -41,7 +41,7 @@ def check_sampling_params(params: SamplingParams, hf_config) -> None:
         request_params(block_diffusion_settings(hf_config), max_tokens=params.max_tokens or 1,
                        temperature=params.temperature, seed=params.seed or 0, overrides=params.extra_args)
     except ValueError as e:
-        raise VLLMValidationError(str(e), parameter="vllm_xargs", value=params.extra_args) from e
+        raise VLLMValidationError(f"vllm_xargs: {e}", parameter="vllm_xargs", value=params.extra_args) from e
 
 
 def check_prompt(prompt_ids: list[int], hf_config) -> None:
