@@ -4,7 +4,8 @@ every SGLang process.
 Loading it registers the block-diffusion dense architectures, the `llada2_moe` config type and this project's
 decoding as the dLLM algorithm `BlockDiff`, and hooks SGLang so the checkpoint's own config supplies block size, mask
 id, EOS and threshold. It is switched on per server by `--dllm-algorithm BlockDiff`; without that flag SGLang runs
-unchanged.
+unchanged, except that the HTTP server's request guard (`blockdiff.http_guard`: a body size limit, JSON bodies that
+are objects) stands in front of every server this plugin is installed in.
 """
 
 ALGORITHM = "BlockDiff"
@@ -12,6 +13,7 @@ ALGORITHM = "BlockDiff"
 
 def register() -> None:
     """Entry point of `sglang.srt.plugins`."""
+    import multiprocessing
     import os
 
     from sglang.srt.dllm.algorithm import algo_name_to_cls
@@ -33,6 +35,11 @@ def register() -> None:
                           hooks.attach_requests, HookType.AROUND)
     HookRegistry.register("sglang.srt.managers.schedule_policy.PrefillAdder.add_dllm_staging_req",
                           hooks.stage_whole_blocks_only, HookType.AROUND)
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens",
+                          hooks.refuse_prompts_without_room, HookType.AFTER)
+    if multiprocessing.parent_process() is None:  # the launching process, the one that serves HTTP
+        HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", hooks.install_request_guard,
+                              HookType.BEFORE)
     # SGLang's extension point for per-request output fields
     SchedulerOutputStreamer.has_additional_customized_info = True
     HookRegistry.register(f"{SchedulerOutputStreamer.__module__}.SchedulerOutputStreamer."

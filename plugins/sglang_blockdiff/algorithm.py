@@ -5,19 +5,28 @@ with the core's rule functions (mask token excluded, fp32, strict threshold, fal
 the forward after the last commit writes the block's final KV, and that is when the block is reported done (SGLang
 keeps generated blocks' KV). EOS and max_tokens are SGLang's own finish checks over the emitted block, which cut
 exactly where rule 6 does.
+
+This code runs in SGLang's scheduler process, where an exception ends the whole server: whatever goes wrong with one
+request's step ends that request with a 500 naming the error, and the batch goes on.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import torch
 from sglang.srt.dllm.algorithm.base import DllmAlgorithm
+from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
 from blockdiff.decoding import DecodeParams, propose, request_params, select_commits
 from blockdiff.models import BlockDiffusionSettings
 
 ACCOUNTING_KEY = "block_diffusion"
+SGLANG_PRIVATE_KEYS = "__sglang"  # prefix of the keys SGLang itself puts in custom_params (reasoning transport)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,16 +56,30 @@ def temperature(sampling_params) -> float:
     return 0.0 if sampling_params.top_k == 1 else sampling_params.temperature
 
 
+def user_overrides(custom: object) -> object:
+    """A request's `custom_params` as the user sent them: without the keys SGLang adds for itself."""
+    if isinstance(custom, dict):
+        return {k: v for k, v in custom.items() if not str(k).startswith(SGLANG_PRIVATE_KEYS)}
+    return custom
+
+
 def request_decoding(req, settings: BlockDiffusionSettings) -> RequestDecoding:
     """The request's `RequestDecoding`, made on first use from its sampling params (`custom_params` overrides)."""
     state = getattr(req, "blockdiff", None)
     if state is None:
         sp = req.sampling_params
         params = request_params(settings, max_tokens=sp.max_new_tokens, temperature=temperature(sp),
-                                seed=sp.sampling_seed or 0, overrides=sp.custom_params)
+                                seed=sp.sampling_seed or 0, overrides=user_overrides(sp.custom_params))
         generator = torch.Generator().manual_seed(params.seed) if params.temperature > 0 else None
         state = req.blockdiff = RequestDecoding(params, generator)
     return state
+
+
+def end_with_error(req, error: Exception) -> None:
+    """End one request with a 500 naming `error` at SGLang's next finish check; the server serves on."""
+    logger.exception("block diffusion failed for request %s", req.rid, exc_info=error)
+    req.to_finish = FINISH_ABORT(f"block-diffusion decoding failed for this request: {type(error).__name__}: "
+                                 f"{error}", HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError")
 
 
 class BlockDiff(DllmAlgorithm):
@@ -68,7 +91,11 @@ class BlockDiff(DllmAlgorithm):
     def validate_request(cls, req) -> str | None:
         from sglang_blockdiff.validation import validate_request
 
-        return validate_request(req)
+        try:
+            return validate_request(req)
+        except Exception as e:  # noqa: BLE001 - a request must never take the scheduler down
+            logger.exception("validating request %s failed", req.rid)
+            return f"the request could not be validated for block diffusion: {type(e).__name__}: {e}"
 
     def step(self, forward_batch, full_logits: torch.Tensor, states: list) -> list[bool]:
         bs = forward_batch.batch_size
@@ -76,22 +103,32 @@ class BlockDiff(DllmAlgorithm):
         ids = forward_batch.input_ids.view(bs, self.block_size)
         done = []
         for row, req in enumerate(forward_batch.blockdiff_reqs):
-            state = request_decoding(req, self.settings)
-            state.nfe += 1
-            masked = ids[row] == self.mask_id
-            if forward_batch.dllm_prompt_mask is not None:
-                masked &= ~forward_batch.dllm_prompt_mask[row]
-            positions = masked.nonzero().squeeze(-1)
-            if len(positions) == 0:  # this forward wrote the full block's KV: it may leave
+            if req.to_finish is not None or req.finished():  # ended (aborted by SGLang, or failed): let it leave
                 done.append(True)
                 continue
-            state.denoise_forwards += 1
-            candidate, confidence = propose(logits[row, positions].float().cpu(), self.mask_id,
-                                            state.params.temperature, state.generator)
-            chosen = select_commits(confidence, state.params.threshold, state.params.fallback_k)
-            ids[row, positions[chosen.to(positions.device)]] = candidate[chosen].to(ids.device, ids.dtype)
-            done.append(False)
+            try:
+                done.append(self.step_request(req, row, logits, ids, forward_batch.dllm_prompt_mask))
+            except Exception as e:  # noqa: BLE001 - one request's failure is that request's error
+                end_with_error(req, e)
+                done.append(True)
         return done
+
+    def step_request(self, req, row: int, logits: torch.Tensor, ids: torch.Tensor, prompt_mask) -> bool:
+        """One denoising step of one request's block; True when this forward wrote the finished block's KV."""
+        state = request_decoding(req, self.settings)
+        state.nfe += 1
+        masked = ids[row] == self.mask_id
+        if prompt_mask is not None:
+            masked &= ~prompt_mask[row]
+        positions = masked.nonzero().squeeze(-1)
+        if len(positions) == 0:  # this forward wrote the full block's KV: it may leave
+            return True
+        state.denoise_forwards += 1
+        candidate, confidence = propose(logits[row, positions].float().cpu(), self.mask_id,
+                                        state.params.temperature, state.generator)
+        chosen = select_commits(confidence, state.params.threshold, state.params.fallback_k)
+        ids[row, positions[chosen.to(positions.device)]] = candidate[chosen].to(ids.device, ids.dtype)
+        return False
 
 
 Algorithm = BlockDiff

@@ -1,13 +1,19 @@
-"""The places SGLang is hooked (through its HookRegistry, see `register`)."""
+"""The places SGLang is hooked (through its HookRegistry, see `register`). Those that run per request in the
+scheduler process turn a failure into that request's error: an exception there would end the whole server."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import yaml
 
+from blockdiff.http_guard import RequestGuard
 from blockdiff.models.hf_config import block_diffusion_settings
 from sglang_blockdiff.algorithm import ACCOUNTING_KEY
+from sglang_blockdiff.validation import check_body
+
+logger = logging.getLogger(__name__)
 
 
 def dllm_config_from_model(original, server_args):
@@ -56,13 +62,41 @@ def attach_requests(original, worker, forward_batch, batch=None):
 
 def accounting_outputs(streamer, reqs) -> dict[str, list]:
     """`SchedulerOutputStreamer.build_additional_customized_info`: DECODING.md's accounting, once, in the finished
-    request's meta_info under "block_diffusion"."""
+    request's meta_info under "block_diffusion" (left out, and logged, for a request it cannot be made for)."""
     values = []
     for req in reqs:
         state = getattr(req, "blockdiff", None)
-        finished = state is not None and req.finished()
-        values.append([state.accounting(req.finished_len or len(req.output_ids))] if finished else [])
+        try:
+            finished = state is not None and req.finished()
+            values.append([state.accounting(req.finished_len or len(req.output_ids))] if finished else [])
+        except Exception:  # noqa: BLE001 - a request must never take the scheduler down
+            logger.exception("no block-diffusion accounting for request %s", req.rid)
+            values.append([])
     return {ACCOUNTING_KEY: values}
+
+
+def refuse_prompts_without_room(result, scheduler, req):
+    """`Scheduler.init_req_max_new_tokens` (after it): a prompt within a token of the context leaves SGLang's
+    max_new_tokens at 0, and SGLang would run it anyway; refuse it with a 400 naming the lengths."""
+    from sglang_blockdiff import ALGORITHM
+
+    config = scheduler.dllm_config
+    if config is None or config.algorithm != ALGORITHM or req.to_finish is not None or req.finished():
+        return result
+    if req.sampling_params.max_new_tokens < 1:
+        req.set_finish_with_abort(f"the prompt ({len(req.origin_input_ids)} tokens) leaves no room for output: "
+                                  f"this server's context length is {scheduler.model_config.context_len} tokens")
+    return result
+
+
+def install_request_guard(*args, **kwargs) -> None:
+    """`http_server.launch_server` (before it): the request guard in front of SGLang's app, the outermost
+    middleware, so a body over the size limit or of the wrong shape never reaches SGLang's parsing."""
+    from sglang.srt.entrypoints.http_server import app
+
+    if not getattr(app.state, "blockdiff_guard", False):
+        app.add_middleware(RequestGuard, check=check_body)
+        app.state.blockdiff_guard = True
 
 
 def stage_whole_blocks_only(original, adder, req):

@@ -1,12 +1,14 @@
-"""Requests a block-diffusion model cannot honour, refused where SGLang validates dLLM requests (the algorithm's
-`validate_request`, whose message SGLang returns with a 400), before they reach a batch."""
+"""Requests a block-diffusion model cannot honour, refused in two places: at the door (`check_body`, on the HTTP
+server's request guard, before SGLang parses the body) and where SGLang validates dLLM requests (the algorithm's
+`validate_request`, in the scheduler, whose message SGLang returns with a 400), before they reach a batch."""
 
 from __future__ import annotations
 
 from sglang.srt.sampling.sampling_params import TOP_K_ALL
 
-from blockdiff.decoding import request_params
-from sglang_blockdiff.algorithm import settings_of, temperature
+from blockdiff.decoding import check_overrides, request_params
+from blockdiff.http_guard import json_type
+from sglang_blockdiff.algorithm import settings_of, temperature, user_overrides
 
 WHY = "block diffusion commits tokens by confidence within a block"
 
@@ -43,10 +45,43 @@ def validate_request(req) -> str | None:
         position = prompt.index(settings.mask_token_id)
         return (f"the prompt contains the mask token (id {settings.mask_token_id}) at position {position}; "
                 "block diffusion reserves it for undecided positions")
-    try:
-        request_params(settings, max_tokens=sp.max_new_tokens, temperature=temperature(sp),
-                       seed=sp.sampling_seed or 0, overrides=sp.custom_params)
+    if "" in (sp.stop_strs or ()):
+        return "stop: an empty stop string would end every output before its first token"
+    try:  # max_new_tokens None: SGLang fills in the rest of the context after validation
+        request_params(settings, max_tokens=sp.max_new_tokens or 1, temperature=temperature(sp),
+                       seed=sp.sampling_seed or 0, overrides=user_overrides(sp.custom_params))
     except ValueError as e:
         return f"custom_params: {e}"
     sp.stop_token_ids = set(sp.stop_token_ids or ()) | set(settings.eos_token_ids)
+    return None
+
+
+PROMPT_FIELDS = ("text", "input_ids", "input_embeds")
+
+
+def check_body(path: str, body: dict) -> tuple[str, str] | None:
+    """The HTTP server's door (see `blockdiff.http_guard`): the shapes of /generate's fields that SGLang's own
+    parsing fails on with a 500 or passes to its scheduler unchecked. (field, message), or None."""
+    if path != "/generate":
+        return None
+    sampling = body.get("sampling_params")
+    prompt = next((body[f] for f in PROMPT_FIELDS if body.get(f) is not None), None)
+    batch = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else None
+    if isinstance(sampling, list):
+        if batch != len(sampling):
+            prompts = "one prompt" if batch is None else f"{batch} prompts"
+            return "sampling_params", (f"sampling_params is a list of {len(sampling)}, for {prompts}: a list needs "
+                                       "a batch of as many prompts (text or input_ids as a list of prompts)")
+        items = sampling
+    elif sampling is None or isinstance(sampling, dict):
+        items = [sampling or {}]
+    else:
+        return "sampling_params", f"sampling_params must be an object, got a JSON {json_type(sampling)}"
+    for item in items:
+        if not isinstance(item, dict):
+            return "sampling_params", f"each sampling_params must be an object, got a JSON {json_type(item)}"
+        try:
+            check_overrides(user_overrides(item.get("custom_params")))
+        except ValueError as e:
+            return "sampling_params.custom_params", f"sampling_params.custom_params: {e}"
     return None
