@@ -30,9 +30,15 @@ def python(venv: str) -> str:
     return str(envs.ensure(venv))
 
 
+STEP_TIMEOUT = 20 * 60  # seconds; a step still running then has hung (CI must not hang)
+
+
 def step(what: str, cmd: list) -> None:
     start = time.time()
-    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    try:
+        done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=STEP_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        sys.exit(f"conformance: {what} still running after {STEP_TIMEOUT} s, stopped:\n{(e.stdout or b'')[-2000:]!r}")
     if done.returncode != 0:
         sys.exit(f"conformance: {what} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     print(f"conformance: {what} ({time.time() - start:.0f} s)", flush=True)

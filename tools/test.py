@@ -3,16 +3,20 @@
     python3 tools/test.py              # every suite
     python3 tools/test.py core vllm    # some suites; extra pytest arguments after --
 
-Suites are the folders under tests/: tests/core runs in the core venv, tests/vllm in the vllm venv, and so on. The last
-line sums all suites up as "N passed, N failed".
+Suites are the folders under tests/: tests/core runs in the core venv, tests/vllm in the vllm venv, and so on. Each
+suite's output streams as it runs, and a suite still running after SUITE_TIMEOUT seconds is stopped and counted as
+failed (CI must not hang). The last line sums all suites up as "N passed, N failed".
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import envs  # noqa: E402
 
 SUITES = {name: envs.ROOT / "tests" / name for name in envs.RECIPES}
+SUITE_TIMEOUT = 30 * 60
 
 
 def main() -> int:
@@ -40,10 +45,20 @@ def main() -> int:
         start = time.time()
         names_paths = any((envs.ROOT / a.split("::")[0]).exists() for a in pytest_args if not a.startswith("-"))
         suite = [] if names_paths else [str(SUITES[name])]
-        proc = subprocess.run([str(py), "-m", "pytest", *suite, *pytest_args], cwd=envs.ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sys.stdout.write(proc.stdout)
-        summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+        proc = subprocess.Popen([str(py), "-m", "pytest", *suite, *pytest_args], cwd=envs.ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        timer = threading.Timer(SUITE_TIMEOUT, os.killpg, (proc.pid, signal.SIGKILL))
+        timer.start()
+        last = ""
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            last = line if line.strip() else last
+        proc.wait()
+        timer.cancel()
+        if time.time() - start >= SUITE_TIMEOUT:
+            print(f"===== suite {name}: stopped after {SUITE_TIMEOUT} s =====", flush=True)
+        summary = last.strip()
         counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
         for count, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary):
             counts["error" if word.startswith("error") else word] += int(count)
