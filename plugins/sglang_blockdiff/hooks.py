@@ -83,9 +83,13 @@ def refuse_prompts_without_room(result, scheduler, req):
     config = scheduler.dllm_config
     if config is None or config.algorithm != ALGORITHM or req.to_finish is not None or req.finished():
         return result
-    if req.sampling_params.max_new_tokens < 1:
-        req.set_finish_with_abort(f"the prompt ({len(req.origin_input_ids)} tokens) leaves no room for output: "
-                                  f"this server's context length is {scheduler.model_config.context_len} tokens")
+    try:
+        if req.sampling_params.max_new_tokens < 1:
+            req.set_finish_with_abort(f"the prompt ({len(req.origin_input_ids)} tokens) leaves no room for output: "
+                                      f"this server's context length is {scheduler.model_config.context_len} tokens")
+    except Exception as e:  # noqa: BLE001 - a request must never take the scheduler down
+        logger.exception("checking the room left for request %s failed", req.rid)
+        req.set_finish_with_abort(f"the request could not be checked for block diffusion: {type(e).__name__}: {e}")
     return result
 
 
