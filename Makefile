@@ -12,12 +12,13 @@ demo:  ## the main job: tiny AR base -> NeMo recipes on Megatron (wsd_cpt, sft +
 	$(NEMO) dllm pipeline --factory tiny --direct --yes
 	$(CORE) -m blockdiff.demo decode runs/nemo/sft/hf runs/nemo/cap/hf runs/nemo/merged
 
-test:  ## every test suite, each in its stack's venv, then the cross-stack conformance matrix
+test:  ## lint, every test suite in its stack's venv, the cross-stack conformance matrix, and a break it must catch
 	$(PYTHON) tools/test.py
-	$(PYTHON) conformance/run.py
+	$(PYTHON) -m conformance.run
+	$(PYTHON) -m conformance.mutation
 
 conformance:  ## the same model and prompts on every stack: identical tokens, or exit 1 with the differences
-	$(PYTHON) conformance/run.py
+	$(PYTHON) -m conformance.run
 
 envs:  ## build (or check) every venv
 	$(PYTHON) tools/envs.py all

@@ -12,7 +12,7 @@ Quality, two measures, both on HumanEval prompts:
 and the held-out masked-token accuracy at mask ratio 0.5 (a property of the model, not of the threshold).
 
     make demo   # once: trains runs/demo/ar-base and runs/nemo/{sft,cap}/hf
-    $(python3 tools/envs.py --path core) benchmarks/decoding_quality.py
+    $(python3 tools/envs.py --path core) -m benchmarks.decoding_quality
 
 Writes results/decoding_tradeoff.{json,png} and results/cap_effect.json.
 """

@@ -2,7 +2,7 @@
 oracle) on the same model and prompts, at prompt lengths 128, 512 and 2048; block 32, threshold 0.95. Prints the
 speedup ratio per length (measured side by side in one run) and writes results/kv_cache_reuse.json.
 
-    $(python3 tools/envs.py --path core) benchmarks/kv_cache_reuse.py
+    $(python3 tools/envs.py --path core) -m benchmarks.kv_cache_reuse
 """
 
 import json
@@ -33,8 +33,8 @@ def main() -> None:
     print(f"{'prompt':>7}{'cached s':>10}{'recompute s':>13}{'speedup':>9}{'denoise fwd':>13}")
     for n in LENGTHS:
         prompt = torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-        cached_s, cached = timed(lambda: decoder.generate([prompt], params)[0])
-        full_s, full = timed(lambda: oracle_decode(model, prompt, params, MASK, EOS))
+        cached_s, cached = timed(lambda prompt=prompt: decoder.generate([prompt], params)[0])
+        full_s, full = timed(lambda prompt=prompt: oracle_decode(model, prompt, params, MASK, EOS))
         assert cached.tokens == full.tokens and cached.denoise_forwards == full.denoise_forwards
         rows.append({"prompt_tokens": n, "cached_s": cached_s, "recompute_s": full_s, "speedup": full_s / cached_s,
                      "denoise_forwards": cached.denoise_forwards})

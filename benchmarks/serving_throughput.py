@@ -8,7 +8,7 @@ accounting), and the block-diffusion / AR throughput ratio at each concurrency. 
 PyTorch, KV cache) runs the same requests as batches of 1, 4 and 16; it has no AR mode, so it has no ratio.
 
     make demo   # once: trains runs/demo/ar-base and runs/nemo/{sft,cap}/hf
-    $(python3 tools/envs.py --path core) benchmarks/serving_throughput.py [--stacks reference,vllm,sglang]
+    $(python3 tools/envs.py --path core) -m benchmarks.serving_throughput [--stacks reference,vllm,sglang]
 
 Writes results/serving_throughput.{json,png}.
 """
@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.request import Request, urlopen
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "tests"), str(ROOT / "tests" / "sglang")]
-import envs  # noqa: E402
-from servers import free_port, running_server  # noqa: E402
+from blockdiff.serving import ACCOUNTING_KEY
+from drivers.servers import free_port, running_server
+from tools import envs
 
 RESULTS = ROOT / "results"
 CONCURRENCY = (1, 4, 16)
@@ -54,7 +53,7 @@ def sglang_send(url: str, request: tuple[list[int], int], block_diffusion: bool)
     if block_diffusion:
         sampling["custom_params"] = {"threshold": THRESHOLD}
     out = post(url + "/generate", {"input_ids": prompt, "sampling_params": sampling})
-    accounting = (out["meta_info"].get("block_diffusion") or [{}])[0]
+    accounting = (out["meta_info"].get(ACCOUNTING_KEY) or [{}])[0]
     return len(out["output_ids"]), accounting.get("denoise_forwards")
 
 
@@ -70,7 +69,7 @@ def vllm_command(model: Path, port: int, block_diffusion: bool) -> list[str]:
 
 
 def sglang_command(model: Path, port: int, block_diffusion: bool) -> list[str]:
-    from sglang_cpu import CPU_FLAGS
+    from drivers.sglang_cpu import CPU_FLAGS
 
     flags = ["--context-length", "512", "--max-running-requests", "16", "--max-total-tokens", "16384"]
     if block_diffusion:

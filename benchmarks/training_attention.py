@@ -6,7 +6,7 @@ every batch) and runs attention forward. Forward only: torch 2.13's FlexAttentio
 the inputs and time per call, both as ratios measured side by side in one run; writes
 results/training_attention.{json,png}.
 
-    $(python3 tools/envs.py --path core) benchmarks/training_attention.py
+    $(python3 tools/envs.py --path core) -m benchmarks.training_attention
 
 Peak memory is the process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs before each
 measured step) above what it held before the step. glibc would otherwise keep freed buffers and hand them out again
@@ -97,7 +97,7 @@ def measure(build_mask, attend, doc_ids, reps: int) -> dict:
     for _ in range(reps):
         build.append(peak_above_start(lambda: build_mask(doc_ids)))
         mask = build_mask(doc_ids)
-        attention.append(peak_above_start(lambda: attend(mask, q, k, v)))
+        attention.append(peak_above_start(lambda mask=mask: attend(mask, q, k, v)))
     return {"mask_mb": mask_bytes(mask) / 2**20,
             "build_s": statistics.median(t for t, _ in build), "build_peak_mb": max(b for _, b in build) / 2**20,
             "attention_s": statistics.median(t for t, _ in attention),

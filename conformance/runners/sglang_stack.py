@@ -1,7 +1,7 @@
 """This project's SGLang plugin over the conformance cases (sglang venv): one `sglang.launch_server
 --dllm-algorithm BlockDiff` per served model, each batch sent as concurrent /generate requests.
 
-    python sglang_stack.py CASES.json OUT.json
+    python -m conformance.runners.sglang_stack CASES.json OUT.json
 """
 
 import json
@@ -9,12 +9,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "sglang"))
-
-from servers import free_port, running_server  # noqa: E402
-from sglang_cpu import CPU_ENV, generate, launch_command  # noqa: E402
+from drivers.servers import free_port, running_server
+from drivers.sglang_cpu import CPU_ENV, generate, launch_command
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 fixed batches with fixed masks, fp32, for every objective the recipes train. Same weights in the core's reference
 model and in a megatron-core GPTModel (one CPU process, gloo).
 
-    python training.py OUT.json       # {objective: {"core": loss, "megatron": loss}}
+    python -m conformance.runners.training OUT.json      # {objective: {"core": loss, "megatron": loss}}
 """
 
 import json

@@ -2,7 +2,7 @@
 `blockdiff-vllm-serve` with the OpenAI client. One engine per served model, in its own process; a batch is one
 `generate` call offline, concurrent requests on the server.
 
-    python vllm_stack.py {offline,server} CASES.json OUT.json
+    python -m conformance.runners.vllm_stack {offline,server} CASES.json OUT.json
 """
 
 import json
@@ -12,9 +12,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))  # the suites' server fixture helpers
-sys.path.insert(0, str(ROOT / "tests" / "vllm"))  # and the vLLM suite's offline engine driver
+from blockdiff.serving import ACCOUNTING_KEY
+
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
@@ -24,7 +23,7 @@ def record(token_ids, finish_reason, accounting) -> dict:
 
 
 def offline(path: str, cases: list[dict]) -> dict:
-    from engine_job import make_llm, run_batches
+    from drivers.vllm_engine import make_llm, run_batches
 
     results = run_batches(make_llm(path), [case["batch"] for case in cases])
     return {case["id"]: batch for case, batch in zip(cases, results)}
@@ -32,7 +31,8 @@ def offline(path: str, cases: list[dict]) -> dict:
 
 def server(path: str, cases: list[dict]) -> dict:
     import openai
-    from servers import free_port, running_server
+
+    from drivers.servers import free_port, running_server
 
     port = free_port()
     cmd = [str(Path(sys.executable).with_name("blockdiff-vllm-serve")), path, "--served-model-name", "m", "--dtype",
@@ -46,7 +46,7 @@ def server(path: str, cases: list[dict]) -> dict:
                                             extra_body={"vllm_xargs": {"threshold": r["threshold"]},
                                                         "return_token_ids": True})
             return record(out.choices[0].token_ids, out.choices[0].finish_reason,
-                          out.kv_transfer_params["block_diffusion"])
+                          out.kv_transfer_params[ACCOUNTING_KEY])
 
         for case in cases:
             with ThreadPoolExecutor(len(case["batch"])) as pool:
@@ -66,7 +66,7 @@ def main() -> None:
     records = {}
     for name in spec["models"]:
         part = Path(out_path).with_suffix(f".{name}.json")
-        done = subprocess.run([sys.executable, __file__, mode, cases_path, str(part), name],
+        done = subprocess.run([sys.executable, "-m", __spec__.name, mode, cases_path, str(part), name],
                               env={**os.environ, **ENV}, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
             raise RuntimeError(f"vllm {mode} failed on {name}:\n{done.stderr[-3000:]}")

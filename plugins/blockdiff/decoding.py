@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from blockdiff.masks import block_causal_mask
-from blockdiff.models import BlockDiffusionSettings
+from blockdiff.serving import BlockDiffusionSettings, tokens_per_forward
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class DecodeResult:
 
     @property
     def tpf(self) -> float:
-        return len(self.tokens) / self.denoise_forwards
+        return tokens_per_forward(len(self.tokens), self.denoise_forwards)
 
 
 def propose(logits: Tensor, mask_token_id: int, temperature: float, generator: torch.Generator | None
@@ -120,6 +120,16 @@ def select_commits(confidence: Tensor, threshold: float, fallback_k: int) -> Ten
     order = torch.sort(confidence, descending=True, stable=True).indices
     commit[order[:fallback_k]] = True
     return commit
+
+
+def denoise_step(block: Tensor, block_logits: Tensor, masked: Tensor, params: DecodeParams, mask_token_id: int,
+                 generator: torch.Generator | None) -> None:
+    """One denoising step's rules 3-4 on one block, in place: a candidate for each still-masked position (`masked`,
+    their indices in position order), and the chosen ones written into `block`. Sampling runs on the CPU, where the
+    request's generator lives."""
+    candidate, confidence = propose(block_logits[masked].float().cpu(), mask_token_id, params.temperature, generator)
+    chosen = select_commits(confidence, params.threshold, params.fallback_k)
+    block[masked[chosen.to(masked.device)]] = candidate[chosen].to(block.device, block.dtype)
 
 
 class BlockState:
@@ -161,9 +171,7 @@ class BlockState:
         self.denoise_forwards += 1
         self.nfe += 1
         masked = (self.block == self.mask_id).nonzero().squeeze(-1)
-        candidate, confidence = propose(block_logits[masked], self.mask_id, self.params.temperature, self.generator)
-        chosen = select_commits(confidence, self.params.threshold, self.params.fallback_k)
-        self.block[masked[chosen]] = candidate[chosen]
+        denoise_step(self.block, block_logits, masked, self.params, self.mask_id, self.generator)
         return not bool((self.block == self.mask_id).any())
 
     def finish_block(self) -> bool:

@@ -16,11 +16,27 @@ from pathlib import Path
 
 import torch
 
-from blockdiff.data import EOS, MASK, humaneval_prompts, load_tokenizer, pack_documents, save_tokenizer, special_id, \
-    stdlib_documents, train_tokenizer
+from blockdiff.data import (
+    EOS,
+    MASK,
+    humaneval_prompts,
+    load_tokenizer,
+    pack_documents,
+    save_tokenizer,
+    special_id,
+    stdlib_documents,
+    train_tokenizer,
+)
 from blockdiff.decoding import DecodeParams, ReferenceDecoder
-from blockdiff.models import BlockDiffusionSettings, build_model, init_weights, load_model, save_model, \
-    tiny_dense_config, with_block_diffusion
+from blockdiff.models import (
+    BlockDiffusionSettings,
+    build_model,
+    init_weights,
+    load_model,
+    save_model,
+    tiny_dense_config,
+    with_block_diffusion,
+)
 from blockdiff.schedules import WSDSchedule
 from blockdiff.train import OptimConfig, heldout_accuracy, train_ar, train_wsd
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+
 import torch
 import torch.distributed as dist
 

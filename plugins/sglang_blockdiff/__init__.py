@@ -8,9 +8,6 @@ unchanged, except that the HTTP server's request guard (`blockdiff.http_guard`: 
 are objects) stands in front of every server this plugin is installed in.
 """
 
-ALGORITHM = "BlockDiff"
-
-
 def register() -> None:
     """Entry point of `sglang.srt.plugins`."""
     import multiprocessing
@@ -23,12 +20,13 @@ def register() -> None:
     from transformers import AutoConfig
 
     from blockdiff.models.hf_config import LLaDA2MoeHFConfig
+    from blockdiff.serving import ACCOUNTING_KEY
     from sglang_blockdiff import algorithm, hooks, models
 
     AutoConfig.register(LLaDA2MoeHFConfig.model_type, LLaDA2MoeHFConfig, exist_ok=True)
     for cls in models.EntryClass:
         ModelRegistry.models.setdefault(cls.__name__, cls)
-    algo_name_to_cls[ALGORITHM] = algorithm.BlockDiff
+    algo_name_to_cls[algorithm.NAME] = algorithm.BlockDiff
     HookRegistry.register("sglang.srt.dllm.config.DllmConfig.from_server_args", hooks.dllm_config_from_model,
                           HookType.AROUND)
     HookRegistry.register("sglang.srt.managers.tp_worker.TpModelWorker._forward_batch_generation_dllm",
@@ -48,7 +46,7 @@ def register() -> None:
                           "build_additional_customized_info", hooks.accounting_outputs, HookType.REPLACE)
     HookRegistry.register(f"{SchedulerOutputStreamer.__module__}.SchedulerOutputStreamer."
                           "is_request_level_customized_info_key",
-                          lambda self, key: key == algorithm.ACCOUNTING_KEY, HookType.REPLACE)
+                          lambda self, key: key == ACCOUNTING_KEY, HookType.REPLACE)
     if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":  # the CPU runtime (docs/environments.md)
         HookRegistry.register("sglang.srt.layers.moe.fused_moe_native.moe_forward_native",
                               hooks.scale_native_moe_output, HookType.AFTER)

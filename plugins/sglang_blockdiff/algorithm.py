@@ -20,11 +20,11 @@ import torch
 from sglang.srt.dllm.algorithm.base import DllmAlgorithm
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-from blockdiff.decoding import DecodeParams, propose, request_params, select_commits
-from blockdiff.models import BlockDiffusionSettings
+from blockdiff.decoding import DecodeParams, denoise_step, request_params
+from blockdiff.serving import BlockDiffusionSettings, accounting
+from sglang_blockdiff.validation import settings_of, temperature, user_overrides, validate_request
 
-ACCOUNTING_KEY = "block_diffusion"
-SGLANG_PRIVATE_KEYS = "__sglang"  # prefix of the keys SGLang itself puts in custom_params (reasoning transport)
+NAME = "BlockDiff"  # as in --dllm-algorithm
 
 logger = logging.getLogger(__name__)
 
@@ -39,28 +39,7 @@ class RequestDecoding:
     nfe: int = 0
 
     def accounting(self, output_tokens: int) -> dict:
-        return {"denoise_forwards": self.denoise_forwards, "nfe": self.nfe,
-                "tpf": output_tokens / self.denoise_forwards if self.denoise_forwards else 0.0}
-
-
-def settings_of(dllm_config) -> BlockDiffusionSettings:
-    settings = getattr(dllm_config, "blockdiff_settings", None)
-    if settings is None:
-        raise ValueError("--dllm-algorithm BlockDiff needs a block-diffusion checkpoint (a `block_diffusion` section "
-                         "in config.json, or LLaDA2MoeModelLM)")
-    return settings
-
-
-def temperature(sampling_params) -> float:
-    """SGLang encodes temperature 0 as temperature 1 with top_k 1 (its normalisation); that is greedy here too."""
-    return 0.0 if sampling_params.top_k == 1 else sampling_params.temperature
-
-
-def user_overrides(custom: object) -> object:
-    """A request's `custom_params` as the user sent them: without the keys SGLang adds for itself."""
-    if isinstance(custom, dict):
-        return {k: v for k, v in custom.items() if not str(k).startswith(SGLANG_PRIVATE_KEYS)}
-    return custom
+        return accounting(output_tokens, self.denoise_forwards, self.nfe)
 
 
 def request_decoding(req, settings: BlockDiffusionSettings) -> RequestDecoding:
@@ -89,8 +68,6 @@ class BlockDiff(DllmAlgorithm):
 
     @classmethod
     def validate_request(cls, req) -> str | None:
-        from sglang_blockdiff.validation import validate_request
-
         try:
             return validate_request(req)
         except Exception as e:  # noqa: BLE001 - a request must never take the scheduler down
@@ -124,10 +101,7 @@ class BlockDiff(DllmAlgorithm):
         if len(positions) == 0:  # this forward wrote the full block's KV: it may leave
             return True
         state.denoise_forwards += 1
-        candidate, confidence = propose(logits[row, positions].float().cpu(), self.mask_id,
-                                        state.params.temperature, state.generator)
-        chosen = select_commits(confidence, state.params.threshold, state.params.fallback_k)
-        ids[row, positions[chosen.to(positions.device)]] = candidate[chosen].to(ids.device, ids.dtype)
+        denoise_step(ids[row], logits[row], positions, state.params, self.mask_id, state.generator)
         return False
 
 

@@ -10,7 +10,8 @@ import yaml
 
 from blockdiff.http_guard import RequestGuard
 from blockdiff.models.hf_config import block_diffusion_settings
-from sglang_blockdiff.algorithm import ACCOUNTING_KEY
+from blockdiff.serving import ACCOUNTING_KEY
+from sglang_blockdiff.algorithm import NAME
 from sglang_blockdiff.validation import check_body
 
 logger = logging.getLogger(__name__)
@@ -78,10 +79,8 @@ def accounting_outputs(streamer, reqs) -> dict[str, list]:
 def refuse_prompts_without_room(result, scheduler, req):
     """`Scheduler.init_req_max_new_tokens` (after it): a prompt within a token of the context leaves SGLang's
     max_new_tokens at 0, and SGLang would run it anyway; refuse it with a 400 naming the lengths."""
-    from sglang_blockdiff import ALGORITHM
-
     config = scheduler.dllm_config
-    if config is None or config.algorithm != ALGORITHM or req.to_finish is not None or req.finished():
+    if config is None or config.algorithm != NAME or req.to_finish is not None or req.finished():
         return result
     try:
         if req.sampling_params.max_new_tokens < 1:

@@ -8,9 +8,10 @@ from sglang.srt.sampling.sampling_params import TOP_K_ALL
 
 from blockdiff.decoding import check_overrides, request_params
 from blockdiff.http_guard import json_type
-from sglang_blockdiff.algorithm import settings_of, temperature, user_overrides
+from blockdiff.serving import BlockDiffusionSettings
 
 WHY = "block diffusion commits tokens by confidence within a block"
+SGLANG_PRIVATE_KEYS = "__sglang"  # prefix of the keys SGLang itself puts in custom_params (reasoning transport)
 
 # sampling parameter -> (value that means "off", why it cannot be honoured)
 UNSUPPORTED = {
@@ -20,6 +21,26 @@ UNSUPPORTED = {
     "regex": (None, WHY), "ebnf": (None, WHY), "structural_tag": (None, WHY), "logit_bias": (None, WHY),
     "beam_width": (None, WHY), "n": (1, "send separate requests"),
 }
+
+
+def settings_of(dllm_config) -> BlockDiffusionSettings:
+    settings = getattr(dllm_config, "blockdiff_settings", None)
+    if settings is None:
+        raise ValueError("--dllm-algorithm BlockDiff needs a block-diffusion checkpoint (a `block_diffusion` section "
+                         "in config.json, or LLaDA2MoeModelLM)")
+    return settings
+
+
+def temperature(sampling_params) -> float:
+    """SGLang encodes temperature 0 as temperature 1 with top_k 1 (its normalisation); that is greedy here too."""
+    return 0.0 if sampling_params.top_k == 1 else sampling_params.temperature
+
+
+def user_overrides(custom: object) -> object:
+    """A request's `custom_params` as the user sent them: without the keys SGLang adds for itself."""
+    if isinstance(custom, dict):
+        return {k: v for k, v in custom.items() if not str(k).startswith(SGLANG_PRIVATE_KEYS)}
+    return custom
 
 
 def validate_request(req) -> str | None:

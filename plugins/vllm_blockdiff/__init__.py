@@ -16,8 +16,8 @@ def register() -> None:
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from vllm_blockdiff import validation
     from blockdiff.models.hf_config import LLaDA2MoeHFConfig
+    from vllm_blockdiff import validation
 
     AutoConfig.register(LLaDA2MoeHFConfig.model_type, LLaDA2MoeHFConfig, exist_ok=True)
     for arch in ("Qwen3BlockDiffusionForCausalLM", "LlamaBlockDiffusionForCausalLM", "LLaDA2MoeModelLM"):

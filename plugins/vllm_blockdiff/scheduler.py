@@ -25,9 +25,8 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from blockdiff.models.hf_config import block_diffusion_settings
+from blockdiff.serving import ACCOUNTING_KEY, accounting
 from vllm_blockdiff.model_runner import FAILED
-
-ACCOUNTING_KEY = "block_diffusion"
 
 
 class BlockDiffusionScheduler(Scheduler):
@@ -102,8 +101,7 @@ class BlockDiffusionScheduler(Scheduler):
                 if out.finish_reason is not None:
                     denoise, nfe, tokens, preemptions = self.accounting.pop(out.request_id)
                     out.kv_transfer_params = {**(out.kv_transfer_params or {}), ACCOUNTING_KEY: {
-                        "denoise_forwards": denoise, "nfe": nfe, "tpf": tokens / denoise if denoise else 0.0,
-                        "preemptions": preemptions}}
+                        **accounting(tokens, denoise, nfe), "preemptions": preemptions}}
         for request in self.finish_requests(failed, RequestStatus.FINISHED_ERROR):
             client = outputs.setdefault(request.client_index, EngineCoreOutputs())
             client.outputs.append(EngineCoreOutput(request_id=request.request_id, new_token_ids=[],

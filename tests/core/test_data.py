@@ -1,8 +1,19 @@
 import pytest
 from transformers import AutoTokenizer
 
-from blockdiff.data import (EOS, MASK, function_sft_pairs, humaneval_prompts, load_tokenizer, pack_documents,
-                            render_chat, save_tokenizer, special_id, stdlib_documents, train_tokenizer)
+from blockdiff.data import (
+    EOS,
+    MASK,
+    function_sft_pairs,
+    humaneval_prompts,
+    load_tokenizer,
+    pack_documents,
+    render_chat,
+    save_tokenizer,
+    special_id,
+    stdlib_documents,
+    train_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
-"""Project-level invariants: the core stays stack-neutral, the plugins' entry points are declared, the venv builder
-is idempotent."""
+"""Project-level invariants. The layout's rules, read from the source (every import, also those inside functions):
+the core imports no stack, no adapter imports another, conformance and benchmarks take nothing from tests/, nothing
+edits sys.path, and no module of the packages imports itself back through others. The plugins' entry points are
+declared; the venv builder is idempotent."""
 
 import ast
 import json
@@ -8,18 +10,93 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
-STACKS = ("vllm", "sglang", "megatron", "nemo", "nemo_run", "lightning")
+PLUGINS = ROOT / "plugins"
+STACKS = {"vllm", "sglang", "megatron", "nemo", "nemo_run", "lightning", "transformer_engine"}
+ADAPTERS = {"vllm_blockdiff", "sglang_blockdiff", "nemo_dllm"}
+TESTS_MODULES = {p.stem for p in (ROOT / "tests").rglob("*.py")} | {"tests"}
 
 
-def test_core_imports_no_stack():
-    offenders = []
-    for path in (ROOT / "plugins" / "blockdiff").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in STACKS]
-    assert not offenders
+def python_files(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PLUGINS if path.is_relative_to(PLUGINS) else ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module `path` imports, absolute, relative imports resolved."""
+    tree, found = ast.parse(path.read_text()), set()
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *filter(None, [base])])
+            named = {f"{base}.{alias.name}" for alias in node.names}
+            modules = {name for name in named if is_module(name)}  # `from package import module` needs the module
+            found |= modules | ({base} if named - modules else set())
+    return found
+
+
+def is_module(name: str) -> bool:
+    return any((root / name.replace(".", "/")).with_suffix(".py").exists() or (root / name.replace(".", "/")).is_dir()
+               for root in (PLUGINS, ROOT))
+
+
+def top_levels(path: Path) -> set[str]:
+    return {name.split(".")[0] for name in imports(path)}
+
+
+@pytest.mark.parametrize("path", python_files("plugins/blockdiff"), ids=lambda p: module_name(p))
+def test_the_core_imports_no_stack_and_no_adapter(path):
+    assert not top_levels(path) & (STACKS | ADAPTERS)
+
+
+@pytest.mark.parametrize("adapter", sorted(ADAPTERS))
+def test_no_adapter_imports_another(adapter):
+    others = ADAPTERS - {adapter}
+    wrong = {module_name(p): top_levels(p) & others for p in python_files(f"plugins/{adapter}")}
+    assert not {m: names for m, names in wrong.items() if names}
+
+
+def test_conformance_and_benchmarks_take_nothing_from_tests():
+    wrong = {module_name(p): top_levels(p) & TESTS_MODULES for p in python_files("conformance", "benchmarks", "drivers")}
+    assert not {m: names for m, names in wrong.items() if names}
+
+
+def test_nothing_edits_sys_path():
+    edits = [f"{p.relative_to(ROOT)}:{node.lineno}" for p in python_files("plugins", "tests", "conformance", "benchmarks",
+                                                                           "drivers", "tools")
+             for node in ast.walk(ast.parse(p.read_text()))
+             if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys"]
+    assert not edits
+
+
+def test_no_import_loop_among_the_packages():
+    modules = {module_name(p): p for p in python_files("plugins")}
+    graph = {name: {m for m in imports(path) if m in modules and m != name} for name, path in modules.items()}
+    loops, state = [], {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = "open"
+        for nxt in sorted(graph[name]):
+            if state.get(nxt) == "open":
+                loops.append(trail[trail.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not loops
 
 
 def test_plugin_entry_points_and_extras_are_declared():
@@ -33,7 +110,11 @@ def test_plugin_entry_points_and_extras_are_declared():
 
 def test_envs_second_run_rebuilds_nothing():
     """The core venv running this test is current, so ensuring it again must only check its stamp."""
+    from tools import envs
+
     stamp = Path(sys.executable).parent.parent / "blockdiff-stamp.json"
+    # run from another checkout or with other dependencies, ensuring would rebuild the venv this test runs in
+    assert json.loads(stamp.read_text()) == envs._stamp("core"), "run the suite through tools/test.py"
     before = stamp.stat().st_mtime_ns
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "envs.py"), "--path", "core"], capture_output=True,
                          text=True, check=True)

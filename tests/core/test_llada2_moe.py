@@ -1,6 +1,6 @@
 """The pure-PyTorch LLaDA2MoeModelLM: the public weight names, the router against a brute-force reading of its rule,
 the MoE layer against a per-token loop, and the cached decoder against the no-cache oracle on it. (Its logits against
-vLLM's implementation of the same weights: tests/vllm/test_models.py.)"""
+vLLM's implementation of the same weights: tests/vllm/test_decoding.py, every denoising step.)"""
 
 import pytest
 import torch
@@ -8,8 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockdiff.decoding import DecodeParams, ReferenceDecoder, oracle_decode
-from blockdiff.models import BlockDiffusionSettings, build_model, init_weights, load_model, save_model, \
-    tiny_llada2_config
+from blockdiff.models import (
+    BlockDiffusionSettings,
+    build_model,
+    init_weights,
+    load_model,
+    save_model,
+    tiny_llada2_config,
+)
 from blockdiff.models.layers import apply_rope, rope_cos_sin
 from blockdiff.models.llada2_moe import LLaDA2MoeConfig
 

@@ -6,8 +6,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
 
-from blockdiff.masks import (COMPILE_BLOCK_MASKS_FROM, bdlm_block_mask, bdlm_mask, block_causal_mask, check_doc_ids,
-                             document_positions, mdlm_block_mask, mdlm_mask)
+from blockdiff.masks import (
+    COMPILE_BLOCK_MASKS_FROM,
+    bdlm_block_mask,
+    bdlm_mask,
+    block_causal_mask,
+    check_doc_ids,
+    document_positions,
+    mdlm_block_mask,
+    mdlm_mask,
+)
 
 
 @st.composite

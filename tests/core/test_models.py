@@ -6,8 +6,16 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-from blockdiff.models import (BlockDiffusionSettings, build_model, init_weights, load_model, read_config, save_model,
-                              tiny_dense_config, with_block_diffusion)
+from blockdiff.models import (
+    BlockDiffusionSettings,
+    build_model,
+    init_weights,
+    load_model,
+    read_config,
+    save_model,
+    tiny_dense_config,
+    with_block_diffusion,
+)
 
 
 def _causal(length):

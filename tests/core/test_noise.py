@@ -4,8 +4,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockdiff.batches import make_diffusion_batch
-from blockdiff.noise import (MaskBand, add_embedding_noise, apply_mask, complementary_mask, draw_mask, elbo_weight,
-                             pad_to_block_multiple, per_token_t)
+from blockdiff.noise import (
+    MaskBand,
+    add_embedding_noise,
+    apply_mask,
+    complementary_mask,
+    draw_mask,
+    elbo_weight,
+    pad_to_block_multiple,
+    per_token_t,
+)
 
 
 def test_band_samples_stay_inside_the_band():

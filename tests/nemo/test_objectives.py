@@ -1,19 +1,13 @@
 """Megatron-side losses equal the core reference losses on a fixed batch with fixed masks (fp32, 1e-5): the same
 weights in the core's reference model and in a megatron-core GPTModel, the same noised samples."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from blockdiff.models import tiny_dense_config
+from conformance.runners.training import TOLERANCE, loss_pairs, model_pair  # shared with the conformance table
 from nemo_dllm import megatron_model
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "conformance" / "runners"))
-
-from training import TOLERANCE, loss_pairs, model_pair  # noqa: E402  (shared with the conformance table)
 
 VOCAB = 120
 

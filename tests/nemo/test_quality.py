@@ -9,12 +9,27 @@ import pytest
 import torch
 
 from blockdiff.batches import make_diffusion_batch
-from blockdiff.data import EOS, MASK, function_sft_pairs, load_tokenizer, pack_documents, save_tokenizer, \
-    special_id, stdlib_documents, train_tokenizer
+from blockdiff.data import (
+    EOS,
+    MASK,
+    function_sft_pairs,
+    load_tokenizer,
+    pack_documents,
+    save_tokenizer,
+    special_id,
+    stdlib_documents,
+    train_tokenizer,
+)
 from blockdiff.decoding import DecodeParams, ReferenceDecoder
-from blockdiff.models import BlockDiffusionSettings, build_model, init_weights, load_model, save_model, \
-    tiny_dense_config
 from blockdiff.losses import confidence_loss
+from blockdiff.models import (
+    BlockDiffusionSettings,
+    build_model,
+    init_weights,
+    load_model,
+    save_model,
+    tiny_dense_config,
+)
 from blockdiff.noise import MaskBand
 from blockdiff.train import OptimConfig, diffusion_logits, train_ar
 from nemo_dllm import data as recipe_data

@@ -8,9 +8,10 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 
-from servers import free_port, running_server
-from sglang_cpu import CPU_ENV, launch_command
+from drivers.servers import free_port, running_server
+from drivers.sglang_cpu import CPU_ENV, launch_command
 from tiny_models import greedy_ar, make_tiny_ar_model
+
 
 def test_torch_is_the_pinned_cpu_build_and_torchvision_imports():
     import torchvision  # noqa: F401  (fails with "operator torchvision::nms does not exist" without the fix)

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 import server_checks
 import soak
 from blockdiff.models import read_config
-from decoding_cases import B, MASK, load_requests, make_served_model, reference
-from servers import abandon_midway, check_batch_invariance, free_port, metric, running_server
-from sglang_cpu import CPU_ENV, launch_command, post
+from decoding_cases import MASK, B, load_requests, make_served_model, reference
+from drivers.servers import abandon_midway, check_batch_invariance, free_port, metric, running_server
+from drivers.sglang_cpu import CPU_ENV, launch_command, post
 
 MAX_RUNNING = 16
 CONTEXT = 256

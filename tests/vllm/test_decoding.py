@@ -17,6 +17,8 @@ from blockdiff.models import read_config
 from decoding_cases import B, covers_the_hard_cases, make_served_model, reference, request_sets
 from tiny_models import make_tiny_blockdiff_model
 
+ROOT = Path(__file__).resolve().parents[2]
+
 @pytest.fixture(scope="module", params=["dense", "llada2"])
 def served(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
@@ -30,8 +32,8 @@ def served(request, tmp_path_factory):
 
 def run_job(path: Path, job: dict, env: dict[str, str] | None = None) -> list[list[dict]]:
     (path / "job.json").write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("engine_job.py")), str(path / "job.json"),
-                           str(path / "out.json")], capture_output=True, text=True, timeout=900,
+    proc = subprocess.run([sys.executable, "-m", "drivers.vllm_engine", str(path / "job.json"), str(path / "out.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((path / "out.json").read_text())
@@ -54,11 +56,11 @@ def test_the_cases_cover_eos_inside_a_block_and_max_tokens_cuts(served):
     covers_the_hard_cases([r for batch in served["batches"] for r in batch], [g for got in served["got"] for g in got])
 
 
-def test_accounting(served):
-    for got in served["got"]:
-        for g in got:
-            assert g["nfe"] >= g["denoise_forwards"] >= 1
-            assert g["tpf"] == pytest.approx(len(g["tokens"]) / g["denoise_forwards"])
+def test_accounting_against_the_reference(served):
+    for batch, got in zip(served["batches"], served["got"]):
+        for g, w in zip(got, reference(served["model"], served["eos"], batch)):
+            assert g["nfe"] >= g["denoise_forwards"] == w["denoise_forwards"] >= 1
+            assert g["tpf"] == pytest.approx(len(w["tokens"]) / w["denoise_forwards"])
 
 
 def test_every_denoising_steps_logits_match_the_core_model(served):

@@ -19,7 +19,7 @@ import server_checks
 import soak
 from blockdiff.models import read_config
 from decoding_cases import MASK, load_requests, make_served_model
-from servers import abandon_midway, check_batch_invariance, free_port, metric, running_server
+from drivers.servers import abandon_midway, check_batch_invariance, free_port, metric, running_server
 
 KV_PAGES = 24  # pages of 32 tokens: the 64 requests need ~200 together, one request at most 8 (256 tokens)
 CONTEXT = 256

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from blockdiff.data import render_chat
 from blockdiff.decoding import DecodeParams, ReferenceDecoder
-from servers import abandon_midway, free_port, metric, running_server
+from drivers.servers import abandon_midway, free_port, metric, running_server
 from tiny_models import make_tiny_blockdiff_model
 
 B, MASK, EOS = 32, 1, (0,)

@@ -9,7 +9,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from blockdiff.models import ARCHITECTURES, BlockDiffusionSettings
+from blockdiff.models.checkpoints import ARCHITECTURES
+from blockdiff.serving import BlockDiffusionSettings
 
 
 def block_diffusion_settings(hf_config: PretrainedConfig) -> BlockDiffusionSettings:

@@ -20,10 +20,6 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from blockdiff.models.layers import MLP, DecoderShell, KVCache, RMSNorm, apply_rope, attention
 
-# LLaDA2.0-mini/flash model cards: the tokens a checkpoint without a `block_diffusion` section decodes with.
-LLADA2_MASK_TOKEN_ID = 156895
-LLADA2_EOS_TOKEN_ID = 156892
-
 
 @dataclass(frozen=True)
 class LLaDA2MoeConfig:

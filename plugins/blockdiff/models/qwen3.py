@@ -2,7 +2,7 @@
 
 One implementation serves both roles: causal masks make it the AR base, block-causal masks the dLLM. The attention
 mask is always explicit, so the same forward runs training over `[x_noisy, x_clean]`, the cached decoder and the
-no-cache oracle. Logits match `transformers`' Qwen3ForCausalLM on the same weights (tests/test_models.py).
+no-cache oracle. Logits match `transformers`' Qwen3ForCausalLM on the same weights (tests/core/test_models.py).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ and records path."""
 import json
 import sys
 
+from blockdiff.serving import ACCOUNTING_KEY
+
 
 def make_llm(model: str, **engine):
     """vLLM's `LLM` on CPU in fp32 with this plugin's engine arguments (plus `engine` overrides)."""
@@ -27,7 +29,7 @@ def run_batches(llm, batches: list[list[dict]]) -> list[list[dict]]:
                                  extra_args={"threshold": r["threshold"]}) for r in batch]
         outs = llm.generate([{"prompt_token_ids": r["prompt"]} for r in batch], params, use_tqdm=False)
         results.append([{"tokens": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason,
-                         **o.kv_transfer_params["block_diffusion"]} for o in outs])
+                         **o.kv_transfer_params[ACCOUNTING_KEY]} for o in outs])
     return results
 
 

@@ -6,6 +6,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from blockdiff.serving import ACCOUNTING_KEY
+
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
 CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
              "--dtype", "float32", "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill",
@@ -33,6 +35,6 @@ def generate(url: str, request: dict) -> dict:
         sampling["sampling_seed"] = request["seed"]
     out = post(url, {"input_ids": request["prompt"], "sampling_params": sampling})
     meta = out["meta_info"]
-    accounting = (meta.get("block_diffusion") or [{}])[0]  # empty for SGLang's own algorithms
+    accounting = (meta.get(ACCOUNTING_KEY) or [{}])[0]  # empty for SGLang's own algorithms
     return {"tokens": out["output_ids"], "finish_reason": meta["finish_reason"]["type"],
             "denoise_forwards": accounting.get("denoise_forwards"), "nfe": accounting.get("nfe"), "meta": meta}

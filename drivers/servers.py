@@ -41,7 +41,7 @@ def running_server(cmd: list[str], port: int, log_path: Path, env: dict[str, str
                 break
             except OSError:
                 if time.time() > deadline:
-                    raise RuntimeError(f"{cmd[0]} not up in {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
+                    raise RuntimeError(f"{cmd[0]} not up in {timeout:.0f} s:\n{log_path.read_text()[-4000:]}") from None
                 time.sleep(1)
         _PROCESS_GROUPS[url] = proc.pid
         yield url
@@ -73,7 +73,10 @@ def metric(url: str, name: str) -> float:
     labels to select on (`'sglang:http_requests_active{endpoint="/generate"'`)."""
     prefix = name if "{" in name else name + "{"
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)]
+    if not values:  # a renamed or unlabelled metric must fail the check that reads it, not read as 0
+        raise LookupError(f"no metric {name!r} on {url}/metrics")
+    return sum(values)
 
 
 def check_batch_invariance(url: str, send, requests: list[dict], passes: int, settle) -> tuple[list[dict], list[int]]:
@@ -103,8 +106,8 @@ def abandon_midway(url: str, path: str, body: dict, running_metric: str, read_fi
         if read_first_event:
             response = conn.getresponse()
             assert response.status == 200, response.read()[:500]
-            while not response.readline().startswith(b"data: "):
-                pass
+            while not (line := response.readline()).startswith(b"data: "):
+                assert line, "the stream ended before its first event"
             conn.close()
             return
         deadline = time.time() + 60

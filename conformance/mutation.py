@@ -1,0 +1,48 @@
+"""Conformance can catch a broken stack: rerun one stack with a deliberate break in its plugin
+(conformance/mutations) against the cases and reference records `python -m conformance.run` left in the work folder, and require the comparison to fail naming that stack. Run by `make test` after the matrix.
+
+    python3 -m conformance.mutation [--work runs/conformance]     # exit 0 when the break was caught
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conformance.run import STEP_TIMEOUT, module_command
+from tools import envs
+
+# mutation -> the stack it breaks (a name of conformance.run.STACKS) and its runner
+MUTATIONS = {"vllm-unsplit-attention": ("vllm-offline", "vllm", ["conformance.runners.vllm_stack", "offline"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=envs.ROOT / "runs" / "conformance")
+    args = parser.parse_args(argv)
+    work = args.work.resolve()
+    needed = [work / "cases.json", work / "reference.json"]
+    if missing := [str(p) for p in needed if not p.exists()]:
+        parser.error(f"run `python3 -m conformance.run --work {work}` first; missing {', '.join(missing)}")
+    caught = True
+    for mutation, (stack, venv, (module, *first)) in MUTATIONS.items():
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent / "mutations"),
+               "BLOCKDIFF_MUTATION": mutation}
+        records = work / f"mutated-{stack}.json"
+        subprocess.run(module_command(venv, module, *first, needed[0], records), cwd=envs.ROOT, env=env, check=True,
+                       capture_output=True, timeout=STEP_TIMEOUT)
+        compared = subprocess.run(module_command("core", "conformance.compare", needed[0], needed[1],
+                                                 f"{stack}={records}"),
+                                  cwd=envs.ROOT, capture_output=True, text=True, timeout=STEP_TIMEOUT)
+        named = f"[{stack}]" in compared.stdout
+        print(f"conformance: mutation {mutation} of {stack}: compare exit {compared.returncode}, "
+              f"{'names' if named else 'does not name'} {stack}: {'caught' if compared.returncode and named else 'MISSED'}")
+        caught &= compared.returncode != 0 and named
+    return 0 if caught else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
