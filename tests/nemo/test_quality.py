@@ -1,6 +1,7 @@
 """The recipe learns: after wsd_cpt the tiny model predicts masked tokens far above chance; CAP (same start, same
 budget as SFT alone) makes the model's right answers more confident on held-out data, and where the model is right
-about its answers CAP raises the decoder's tokens per forward at threshold 0.95 over SFT alone without changing them.
+about its answers CAP raises the decoder's tokens per forward over SFT alone without changing them (at threshold 0.99;
+at 0.95 both already sit at the ceiling of one forward per block).
 On held-out prompts the toy model is too weak for either to clear 0.95 (their TPF is printed there, not asserted)."""
 
 import json
@@ -61,11 +62,11 @@ def converted(tmp_path_factory):
     return hf, json.loads((out / "summary.json").read_text())
 
 
-def _decode(model_dir, prompts: list[list[int]], max_tokens) -> list:
+def _decode(model_dir, prompts: list[list[int]], max_tokens, threshold: float = 0.95) -> list:
     model, cfg = load_model(model_dir)
     s = BlockDiffusionSettings.from_config(cfg)
     return ReferenceDecoder(model, s.mask_token_id, s.eos_token_ids).generate(
-        prompts, [DecodeParams(max_tokens=max_tokens(p), block_size=32, threshold=0.95) for p in prompts])
+        prompts, [DecodeParams(max_tokens=max_tokens(p), block_size=32, threshold=threshold) for p in prompts])
 
 
 def _tpf(results) -> float:
@@ -105,11 +106,13 @@ def test_wsd_accuracy_far_above_chance_and_cap_sharpens_right_answers(converted,
 
 
 @pytest.mark.slow
-def test_cap_raises_tpf_at_threshold_095_over_sft_alone(converted, tmp_path):
+def test_cap_raises_tpf_over_sft_alone_where_the_model_is_right(converted, tmp_path):
     """SFT and CAP from the same converted model, same data and budget, long enough for the model to be right about
     its answers: 15 short documented functions of the standard library, fitted in 300 steps, decoded from their own
-    prompts. CAP's confidence term (lambda 0.3) pushes right answers past 0.95, so more of each block commits per
-    forward, and the answers stay as right as SFT's."""
+    prompts at block 32. CAP's confidence term (lambda 0.3) pushes right answers further past the threshold, so more
+    of each block commits per forward, and the answers stay as right as SFT's. At threshold 0.95 both models already
+    commit nearly every block in one forward (the ceiling: TPF cannot exceed the tokens per block touched), so CAP can
+    only match SFT there; at 0.99 SFT falls well below the ceiling and CAP must stay near it."""
     converted, _ = converted
     tok = load_tokenizer(converted)
     pairs = [p for p in function_sft_pairs(stdlib_documents())
@@ -123,11 +126,14 @@ def test_cap_raises_tpf_at_threshold_095_over_sft_alone(converted, tmp_path):
             for name, weight in (("sft", 0.0), ("cap", 0.3))}
     tpf, accuracy = {}, {}
     for name, path in runs.items():
-        results = _decode(path, [e.prompt for e in trained], lambda p: 64)
-        tpf[name] = _tpf(results)
-        accuracy[name] = sum(sum(a == b for a, b in zip(r.tokens, e.response)) for r, e in zip(results, trained)) \
-            / sum(len(e.response) for e in trained)
-    print(f"\nTPF at threshold 0.95, block 32, on the {len(trained)} fitted prompts: sft {tpf['sft']:.3f}, "
-          f"cap {tpf['cap']:.3f}; token accuracy of the answers: sft {accuracy['sft']:.1%}, cap {accuracy['cap']:.1%}")
-    assert tpf["cap"] > tpf["sft"]
-    assert accuracy["cap"] >= accuracy["sft"] - 0.02
+        for threshold in (0.95, 0.99):
+            results = _decode(path, [e.prompt for e in trained], lambda p: 64, threshold)
+            tpf[name, threshold] = _tpf(results)
+            accuracy[name, threshold] = sum(sum(a == b for a, b in zip(r.tokens, e.response))
+                                            for r, e in zip(results, trained)) / sum(len(e.response) for e in trained)
+            print(f"\n{name} on the {len(trained)} fitted prompts, block 32, threshold {threshold}: "
+                  f"TPF {tpf[name, threshold]:.3f}, token accuracy {accuracy[name, threshold]:.1%}")
+    assert tpf["cap", 0.99] > 1.2 * tpf["sft", 0.99]
+    assert tpf["cap", 0.95] >= tpf["sft", 0.95]
+    for threshold in (0.95, 0.99):
+        assert accuracy["cap", threshold] >= accuracy["sft", threshold] - 0.02
