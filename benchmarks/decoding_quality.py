@@ -28,7 +28,7 @@ from blockdiff.decoding import DecodeParams, ReferenceDecoder
 from blockdiff.demo import SCALES, block_aligned_budget, build_data
 from blockdiff.masks import block_causal_mask
 from blockdiff.models import BlockDiffusionSettings, load_model
-from blockdiff.train import heldout_accuracy
+from blockdiff.objectives import ReferenceForward, heldout_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
@@ -97,7 +97,7 @@ def measure(model_dir: Path, prompts, ar_outputs, max_tokens: int, block_sizes, 
 def accuracy(model_dir: Path, data_dir: Path) -> float:
     model, settings = load(model_dir)
     _, _, _, val_ids, val_doc = build_data(data_dir, SCALE["vocab"], SCALE["seq_len"])
-    return heldout_accuracy(model, val_ids, val_doc, settings.block_size, settings.mask_token_id)
+    return heldout_accuracy(ReferenceForward(model), val_ids, val_doc, settings.block_size, settings.mask_token_id)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
-"""Training conformance (nemo venv): the Megatron-side losses of `nemo_dllm` against the core's reference losses on
-fixed batches with fixed masks, fp32, for every objective the recipes train. Same weights in the core's reference
-model and in a megatron-core GPTModel (one CPU process, gloo).
+"""Training conformance (nemo venv): every objective the recipes train (`blockdiff.objectives`), over Megatron's
+GPTModel as `nemo_dllm` runs it and over the core's reference model holding the same weights, on fixed batches with
+fixed masks, fp32 (one CPU process, gloo).
 
     python -m conformance.runners.training OUT.json      # {objective: {"core": loss, "megatron": loss}}
 """
@@ -11,10 +11,9 @@ import sys
 import torch
 
 from blockdiff.batches import make_diffusion_batch
-from blockdiff.losses import cap_loss, diffusion_loss, dpo_loss, sft_loss, weighted_masked_nll
 from blockdiff.models import build_model, init_weights, tiny_dense_config
 from blockdiff.noise import MaskBand
-from blockdiff.train import diffusion_logits
+from blockdiff.objectives import ReferenceForward, dpo_objective, pretrain_loss, sft_objective
 
 TOLERANCE = 1e-5
 
@@ -41,33 +40,29 @@ def fixed_batch(objective: str, block: int, vocab: int, seed: int = 0, response_
 
 
 def loss_pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """objective -> (core loss, Megatron loss). Needs Megatron's parallel state (`nemo_dllm.parallel.init`)."""
-    from nemo_dllm import objectives
+    """objective -> (loss over the core's reference model, loss over Megatron's GPTModel): the same objective of
+    `blockdiff.objectives` on the same batch, each stack's forward. Needs Megatron's parallel state
+    (`nemo_dllm.parallel.init`)."""
+    from nemo_dllm.megatron_model import DiffusionForward
+
+    def both(seed: int, vocab: int) -> tuple[ReferenceForward, DiffusionForward]:
+        ref, gpt = model_pair(seed, vocab)
+        return ReferenceForward(ref), DiffusionForward(gpt)
 
     pairs = {}
-    ref, gpt = model_pair(0, 120)
+    models = both(0, 120)
     for objective, block in [("bdlm", 1), ("bdlm", 4), ("bdlm", 8), ("mdlm", 32)]:
         batch = fixed_batch(objective, block, 120)
-        core = diffusion_loss(diffusion_logits(ref, batch), batch.targets, batch.masked, batch.t_tok,
-                              batch.maskable.sum())
-        pairs[f"{objective} block {block}"] = (core, objectives.pretrain_loss(gpt, batch))
-    ref, gpt = model_pair(3, 5)  # a 4-token vocabulary: many masked positions are predicted right (CAP's term)
+        pairs[f"{objective} block {block}"] = tuple(pretrain_loss(m, batch) for m in models)
+    models = both(3, 5)  # a 4-token vocabulary: many masked positions are predicted right (CAP's term)
     batch = fixed_batch("bdlm", 8, 5, seed=1, response_from=10)
-    logits = diffusion_logits(ref, batch)
-    pairs["sft"] = (sft_loss(logits, batch.targets, batch.masked, batch.t_tok, batch.maskable),
-                    objectives.sft_objective(gpt, batch))
-    pairs["cap (lambda 2)"] = (cap_loss(logits, batch.targets, batch.masked, batch.t_tok, batch.maskable, 2.0),
-                               objectives.sft_objective(gpt, batch, confidence_weight=2.0))
-    (policy_ref, policy), (reference_ref, reference) = model_pair(1, 120), model_pair(2, 120)
+    pairs["sft"] = tuple(sft_objective(m, batch) for m in models)
+    pairs["cap (lambda 2)"] = tuple(sft_objective(m, batch, confidence_weight=2.0) for m in models)
+    policies, references = both(1, 120), both(2, 120)
     chosen = fixed_batch("bdlm", 8, 120, seed=1, response_from=10)
     rejected = fixed_batch("bdlm", 8, 120, seed=5, response_from=10)
-
-    def nll(model, batch):
-        return weighted_masked_nll(diffusion_logits(model, batch), batch.targets, batch.masked, batch.t_tok)
-
-    pairs["dpo (beta 0.1)"] = (dpo_loss(nll(policy_ref, chosen), nll(policy_ref, rejected), nll(reference_ref, chosen),
-                                        nll(reference_ref, rejected), beta=0.1),
-                               objectives.dpo_objective(policy, reference, chosen, rejected, beta=0.1))
+    pairs["dpo (beta 0.1)"] = tuple(dpo_objective(policy, reference, chosen, rejected, beta=0.1)
+                                    for policy, reference in zip(policies, references))
     return pairs
 
 

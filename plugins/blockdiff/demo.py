@@ -37,8 +37,9 @@ from blockdiff.models import (
     tiny_dense_config,
     with_block_diffusion,
 )
+from blockdiff.objectives import ReferenceForward, heldout_accuracy
 from blockdiff.schedules import WSDSchedule
-from blockdiff.train import OptimConfig, heldout_accuracy, train_ar, train_wsd
+from blockdiff.train import OptimConfig, train_ar, train_wsd
 
 # phase_steps: each WSD phase's token budget in training steps (Stable gets twice that). max_tokens: the most tokens
 # generated per prompt; each request stops at the block boundary at or below it, so no block is cut.
@@ -107,11 +108,11 @@ def convert(out: Path, s: dict, threshold: float) -> Path:
                                  decay_tokens=s["phase_steps"] * step_tokens, final_block=settings.block_size)
     print(f"[convert] WSD conversion to block diffusion: "
           f"{' -> '.join(str(p.block_size) for p in schedule.phases)} -> {dllm_dir}", flush=True)
-    acc_before = heldout_accuracy(model, val_ids, val_doc, settings.block_size, mask_id)
+    acc_before = heldout_accuracy(ReferenceForward(model), val_ids, val_doc, settings.block_size, mask_id)
     history = train_wsd(model, ids, doc_ids, schedule, s["batch"], mask_id, OptimConfig(lr=2e-3, warmup_steps=5))
     save_model(model, with_block_diffusion(cfg, settings), dllm_dir)
     copy_tokenizer(ar_dir, dllm_dir)
-    acc_after = heldout_accuracy(model, val_ids, val_doc, settings.block_size, mask_id)
+    acc_after = heldout_accuracy(ReferenceForward(model), val_ids, val_doc, settings.block_size, mask_id)
     print(f"          diffusion loss {history[0][1]:.3f} -> {history[-1][1]:.3f}; held-out masked-token accuracy "
           f"at t=0.5: {acc_before:.1%} (AR base) -> {acc_after:.1%} (chance {1 / tok.get_vocab_size():.2%})",
           flush=True)

@@ -8,6 +8,7 @@ the phase of a step is a pure function of the step, so a resumed run lands in th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -76,3 +77,12 @@ class WSDSchedule:
             if step < end:
                 return phase
         raise ValueError(f"step {step} is past the schedule's last step {end - 1}")
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """The learning-rate factor at `step` (0-based): linear warmup to 1 over `warmup_steps`, then a cosine down to
+    `min_ratio` at `total_steps`, where it stays."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

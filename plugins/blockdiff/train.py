@@ -1,24 +1,25 @@
-"""A minimal single-process trainer over the core: AR pretraining of the tiny base and the WSD conversion.
-
-It exists for the toy-scale main job and the tests; the real recipes run on Megatron through `nemo_dllm`, which
-builds its batches and losses from the same core functions.
+"""A minimal single-process trainer for the toy-scale main job: AR pretraining of the tiny base and the WSD
+conversion. It owns only the loop (AdamW, clipping, progress); the objective, the batches, the learning-rate schedule
+and the held-out accuracy are the core's (`blockdiff.objectives`, `blockdiff.batches`, `blockdiff.schedules`), the same
+ones the Megatron recipes in `nemo_dllm` train with.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from blockdiff.batches import DiffusionBatch, make_diffusion_batch
-from blockdiff.losses import diffusion_loss, masked_token_accuracy
+from blockdiff.batches import make_diffusion_batch
 from blockdiff.masks import document_positions, mdlm_mask
-from blockdiff.noise import MaskBand, add_embedding_noise
-from blockdiff.schedules import WSDSchedule
+from blockdiff.noise import MaskBand
+from blockdiff.objectives import EmbeddingNoise, ReferenceForward, pretrain_loss
+from blockdiff.schedules import WSDSchedule, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -29,21 +30,23 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
-def _optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-
-    def lr_at(step: int) -> float:  # linear warmup, then cosine down to 10%
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-
-
-def _progress(steps: int, desc: str) -> tqdm:
+def _fit(model: torch.nn.Module, steps: int, optim: OptimConfig, loss_at: Callable[[int], tuple[Tensor, dict]],
+         desc: str) -> None:
+    """`loss_at(step)` returns the step's loss and what the progress bar shows beside it."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, betas=(0.9, 0.95))
     # a log file gets a line every 15 s instead of a redraw every 0.1 s
-    return tqdm(range(steps), desc=desc, dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 15)
+    with tqdm(range(steps), desc=desc, dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 15) as bar:
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = optim.lr * warmup_cosine(step, optim.warmup_steps, steps)
+            loss, shown = loss_at(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", **shown)
+    model.eval()
 
 
 def _rows(n_rows: int, batch_size: int, generator: torch.Generator) -> Tensor:
@@ -60,33 +63,18 @@ def ar_loss(model: torch.nn.Module, ids: Tensor, doc_ids: Tensor) -> Tensor:
     return (nll * same_doc).sum() / same_doc.sum()
 
 
-def diffusion_logits(model: torch.nn.Module, batch: DiffusionBatch, embed_noise_std: float = 0.0, step: int = 0,
-                     embed_noise_steps: int = 0, generator: torch.Generator | None = None) -> Tensor:
-    """Logits of the noisy half [b, L, V]."""
-    embeds = add_embedding_noise(model.embed(batch.input_ids), batch.masked_inputs, embed_noise_std, step,
-                                 embed_noise_steps, generator)
-    logits = model(None, batch.positions, batch.attention_mask(), inputs_embeds=embeds)
-    return logits[:, : batch.noisy_len]
-
-
 def train_ar(model: torch.nn.Module, ids: Tensor, doc_ids: Tensor, steps: int, batch_size: int,
              optim: OptimConfig = OptimConfig(), seed: int = 0, desc: str = "AR pretrain") -> list[float]:
-    model.train()
     g = torch.Generator().manual_seed(seed)
-    opt, sched = _optimizer(model, optim, steps)
     losses = []
-    with _progress(steps, desc) as bar:
-        for _ in bar:
-            rows = _rows(ids.shape[0], batch_size, g)
-            loss = ar_loss(model, ids[rows], doc_ids[rows])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+
+    def loss_at(step: int) -> tuple[Tensor, dict]:
+        rows = _rows(ids.shape[0], batch_size, g)
+        loss = ar_loss(model, ids[rows], doc_ids[rows])
+        losses.append(loss.item())
+        return loss, {}
+
+    _fit(model, steps, optim, loss_at, desc)
     return losses
 
 
@@ -96,35 +84,19 @@ def train_wsd(model: torch.nn.Module, ids: Tensor, doc_ids: Tensor, schedule: WS
     """Convert an AR model to block diffusion along the WSD schedule. Returns (phase, loss) per step."""
     if ids.shape[1] != schedule.seq_len:
         raise ValueError(f"data rows have length {ids.shape[1]}, the schedule expects {schedule.seq_len}")
-    model.train()
     g = torch.Generator().manual_seed(seed)
     tokens_per_step = batch_size * schedule.seq_len
-    total = schedule.total_steps(tokens_per_step)
-    opt, sched = _optimizer(model, optim, total)
+    forward = ReferenceForward(model)
     history = []
-    with _progress(total, "WSD convert") as bar:
-        for step in bar:
-            phase = schedule.phase_at(step, tokens_per_step)
-            rows = _rows(ids.shape[0], batch_size, g)
-            batch = make_diffusion_batch(ids[rows], doc_ids[rows], phase.block_size, phase.objective, mask_token_id,
-                                         band, g)
-            logits = diffusion_logits(model, batch, embed_noise_std, step, embed_noise_steps, g)
-            loss = diffusion_loss(logits, batch.targets, batch.masked, batch.t_tok, batch.maskable.sum())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            opt.step()
-            sched.step()
-            history.append((phase.name, loss.item()))
-            bar.set_postfix(phase=phase.name, loss=f"{loss.item():.3f}")
-    model.eval()
+
+    def loss_at(step: int) -> tuple[Tensor, dict]:
+        phase = schedule.phase_at(step, tokens_per_step)
+        rows = _rows(ids.shape[0], batch_size, g)
+        batch = make_diffusion_batch(ids[rows], doc_ids[rows], phase.block_size, phase.objective, mask_token_id,
+                                     band, g)
+        loss = pretrain_loss(forward, batch, EmbeddingNoise(embed_noise_std, step, embed_noise_steps, g))
+        history.append((phase.name, loss.item()))
+        return loss, {"phase": phase.name}
+
+    _fit(model, schedule.total_steps(tokens_per_step), optim, loss_at, "WSD convert")
     return history
-
-
-@torch.no_grad()
-def heldout_accuracy(model: torch.nn.Module, ids: Tensor, doc_ids: Tensor, block_size: int, mask_token_id: int,
-                          mask_ratio: float = 0.5, seed: int = 0) -> float:
-    """Share of masked tokens whose argmax (mask token excluded) is the right token, at a fixed mask ratio."""
-    g = torch.Generator().manual_seed(seed)
-    batch = make_diffusion_batch(ids, doc_ids, block_size, "bdlm", mask_token_id, MaskBand(mask_ratio, mask_ratio), g)
-    return masked_token_accuracy(diffusion_logits(model, batch), batch.targets, batch.masked, mask_token_id)

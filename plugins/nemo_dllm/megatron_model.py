@@ -9,6 +9,7 @@ attention mask.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,6 +56,20 @@ def _rope(model, position_ids: Tensor) -> Tensor:
 def embed(model, input_ids: Tensor) -> Tensor:
     """Token embeddings [s, b, h] (Megatron's sequence-first layout)."""
     return model.embedding(input_ids=input_ids, position_ids=None)
+
+
+@dataclass(frozen=True)
+class DiffusionForward:
+    """A GPTModel as the core's objectives take a model (`blockdiff.objectives.DiffusionForward`): batch-first in and
+    out, so the core decides where embedding noise goes and which half is scored."""
+
+    model: Any
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return embed(self.model, input_ids).transpose(0, 1)
+
+    def __call__(self, embeddings: Tensor, positions: Tensor, allowed: Tensor) -> Tensor:
+        return forward(self.model, None, positions, allowed, embeddings=embeddings.transpose(0, 1))
 
 
 class _GatherVocab(torch.autograd.Function):

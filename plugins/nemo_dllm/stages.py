@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 
 from blockdiff.batches import DiffusionBatch, make_diffusion_batch
 from blockdiff.data import EOS, MASK, load_tokenizer, special_id
-from blockdiff.losses import masked_token_accuracy
 from blockdiff.merge import merge_checkpoints, select_top_k
 from blockdiff.models import BlockDiffusionSettings, read_config, save_weights, with_block_diffusion
 from blockdiff.noise import MaskBand
+from blockdiff.objectives import EmbeddingNoise, dpo_objective, heldout_accuracy, pretrain_loss, sft_objective
 from blockdiff.schedules import WSDSchedule
-from nemo_dllm import data, megatron_model, objectives, parallel
+from nemo_dllm import data, megatron_model, parallel
 from nemo_dllm.data import Example
 from nemo_dllm.trainer import TrainerConfig, train
 
@@ -166,6 +166,7 @@ def wsd_cpt(cfg: WSDConfig) -> Path:
     tp = cfg.trainer.tensor_parallel
     parallel.init(tp, cfg.trainer.seed)
     model, hf_cfg = _load(cfg.init_from, tp)
+    forward = megatron_model.DiffusionForward(model)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     trainer = replace(cfg.trainer, max_steps=schedule.total_steps(tokens_per_step))
 
@@ -173,8 +174,8 @@ def wsd_cpt(cfg: WSDConfig) -> Path:
         phase = schedule.phase_at(step, tokens_per_step)
         rows = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=g)
         batch = make_diffusion_batch(ids[rows], doc_ids[rows], phase.block_size, phase.objective, mask_id, band, g)
-        return objectives.pretrain_loss(model, parallel.broadcast_noise(batch), embed_noise_std=cfg.embed_noise_std,
-                                        step=step, embed_noise_steps=cfg.embed_noise_steps, generator=g)
+        return pretrain_loss(forward, parallel.broadcast_noise(batch),
+                             EmbeddingNoise(cfg.embed_noise_std, step, cfg.embed_noise_steps, g))
 
     def phase_of(step: int) -> dict:
         phase = schedule.phase_at(step, tokens_per_step)
@@ -187,25 +188,15 @@ def wsd_cpt(cfg: WSDConfig) -> Path:
     def validation_loss() -> float:
         batch = make_diffusion_batch(val_ids[:16], val_doc[:16], cfg.final_block, "bdlm", mask_id, band,
                                      torch.Generator().manual_seed(0))
-        return objectives.pretrain_loss(model, batch.to(parallel.device())).item()
+        return pretrain_loss(forward, batch.to(parallel.device())).item()
 
     records = train(trainer, model, loss_at, Path(cfg.out_dir), "wsd_cpt", phase_of,
                     _checkpoint_export(model, out_cfg, cfg.init_from, validation_loss))
-    accuracy = heldout_accuracy(model, val_ids[:16], val_doc[:16], cfg.final_block, mask_id)
+    accuracy = heldout_accuracy(forward, val_ids[:16], val_doc[:16], cfg.final_block, mask_id,
+                                device=parallel.device())
     return _finish(model, out_cfg, cfg.init_from, Path(cfg.out_dir), records,
                    {"stage": "wsd_cpt", "masked_token_accuracy": accuracy, "chance": 1 / tok.get_vocab_size(),
                     "config": asdict(cfg)})
-
-
-@torch.no_grad()
-def heldout_accuracy(model, ids: torch.Tensor, doc_ids: torch.Tensor, block_size: int, mask_id: int,
-                     ratio: float = 0.5) -> float:
-    """Masked-token accuracy on held-out rows at a fixed mask ratio (the same noise on every rank)."""
-    model.eval()
-    batch = make_diffusion_batch(ids, doc_ids, block_size, "bdlm", mask_id, MaskBand(ratio, ratio),
-                                 torch.Generator().manual_seed(0)).to(parallel.device())
-    logits = objectives.noisy_logits(model, batch)
-    return masked_token_accuracy(logits, batch.targets, batch.masked, mask_id)
 
 
 def _sft_like_setup(init_from: str, seq_len: int):
@@ -243,20 +234,21 @@ def sft(cfg: SFTConfig) -> Path:
     tp = cfg.trainer.tensor_parallel
     parallel.init(tp, cfg.trainer.seed)
     model, hf_cfg = _load(cfg.init_from, tp)
+    forward = megatron_model.DiffusionForward(model)
 
     def noised(chosen: list[Example], g: torch.Generator) -> DiffusionBatch:
         return _noised_responses([(e.prompt, e.response) for e in chosen], cfg.seq_len, settings, band, g)
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         batch = noised([examples[i] for i in torch.randint(0, len(examples), (cfg.batch_size,), generator=g)], g)
-        loss = objectives.sft_objective(model, batch, cfg.confidence_weight)
+        loss = sft_objective(forward, batch, cfg.confidence_weight)
         if cfg.complementary:
-            loss = 0.5 * (loss + objectives.sft_objective(model, batch.complement(), cfg.confidence_weight))
+            loss = 0.5 * (loss + sft_objective(forward, batch.complement(), cfg.confidence_weight))
         return loss
 
     def validation_loss() -> float:
         batch = noised(held_out[: cfg.batch_size], torch.Generator().manual_seed(0))
-        return objectives.sft_objective(model, batch).item()
+        return sft_objective(forward, batch).item()
 
     stage = "cap" if cfg.confidence_weight > 0 else "sft"
     records = train(cfg.trainer, model, loss_at, Path(cfg.out_dir), stage,
@@ -286,7 +278,8 @@ def dpo(cfg: DPOConfig) -> Path:
     def pair_loss(picks: list[data.Preference], g: torch.Generator) -> torch.Tensor:
         chosen = _noised_responses([(p.prompt, p.chosen) for p in picks], cfg.seq_len, settings, band, g)
         rejected = _noised_responses([(p.prompt, p.rejected) for p in picks], cfg.seq_len, settings, band, g)
-        return objectives.dpo_objective(policy, reference, chosen, rejected, cfg.beta)
+        return dpo_objective(megatron_model.DiffusionForward(policy), megatron_model.DiffusionForward(reference),
+                             chosen, rejected, cfg.beta)
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         return pair_loss([prefs[i] for i in torch.randint(0, len(prefs), (cfg.batch_size,), generator=g)], g)

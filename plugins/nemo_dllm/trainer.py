@@ -8,7 +8,6 @@ uses a plain torch optimizer on both; on a GPU machine the same loop runs, only 
 """
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from blockdiff.schedules import warmup_cosine
 from nemo_dllm import parallel
 
 
@@ -44,10 +44,7 @@ class TrainerConfig:
             raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return self.lr * warmup_cosine(step, self.warmup_steps, self.max_steps, self.min_lr_ratio)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

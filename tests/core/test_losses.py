@@ -11,7 +11,7 @@ from blockdiff.losses import cap_loss, confidence_loss, diffusion_loss, dpo_loss
 from blockdiff.masks import block_causal_mask
 from blockdiff.models import build_model, init_weights, tiny_dense_config
 from blockdiff.noise import MaskBand
-from blockdiff.train import diffusion_logits
+from blockdiff.objectives import ReferenceForward, noisy_logits
 
 
 def _case(seed=0, b=3, length=16, vocab=11):
@@ -112,7 +112,7 @@ def test_two_half_input_equals_explicit_per_block_recomputation():
     doc_ids = torch.tensor([[0] * 8 + [1] * 16])
     batch = make_diffusion_batch(ids, doc_ids, block, "bdlm", mask_id, MaskBand(0.5, 0.5),
                                  torch.Generator().manual_seed(1))
-    got = diffusion_logits(model, batch)[0]
+    got = noisy_logits(ReferenceForward(model), batch)[0]
     noisy = batch.input_ids[0, :24]
     for start, length in [(0, 8), (8, 16)]:
         doc_clean, doc_noisy = ids[0, start:start + length], noisy[start:start + length]

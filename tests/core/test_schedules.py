@@ -1,6 +1,6 @@
 import pytest
 
-from blockdiff.schedules import Phase, WSDSchedule
+from blockdiff.schedules import Phase, WSDSchedule, warmup_cosine
 
 
 def test_paper_shape_warmup_stable_decay():
@@ -38,3 +38,10 @@ def test_sequence_length_not_divisible_by_block_is_rejected():
 def test_bad_phase_is_rejected(phase, match):
     with pytest.raises(ValueError, match=match):
         WSDSchedule(64, (phase,))
+
+
+def test_warmup_cosine_rises_then_falls_to_its_floor():
+    factors = [warmup_cosine(step, warmup_steps=4, total_steps=20, min_ratio=0.1) for step in range(25)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and all(a > b for a, b in zip(factors[4:20], factors[5:21]))
+    assert factors[20:] == [pytest.approx(0.1)] * 5

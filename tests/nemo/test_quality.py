@@ -32,7 +32,8 @@ from blockdiff.models import (
     tiny_dense_config,
 )
 from blockdiff.noise import MaskBand
-from blockdiff.train import OptimConfig, diffusion_logits, train_ar
+from blockdiff.objectives import ReferenceForward, noisy_logits
+from blockdiff.train import OptimConfig, train_ar
 from nemo_dllm import data as recipe_data
 from nemo_dllm.stages import SFTConfig, WSDConfig, sft, wsd_cpt
 from nemo_dllm.trainer import TrainerConfig
@@ -96,7 +97,8 @@ def test_wsd_accuracy_far_above_chance_and_cap_sharpens_right_answers(converted,
     for name, path in (("sft", plain), ("cap", cap)):
         model, _ = load_model(path)
         with torch.no_grad():
-            entropy[name] = confidence_loss(diffusion_logits(model, batch), batch.targets, batch.masked).item()
+            logits = noisy_logits(ReferenceForward(model), batch)
+            entropy[name] = confidence_loss(logits, batch.targets, batch.masked).item()
     prompts = [e.prompt[-64:] for e in examples[-12:]]
     tpf = {name: _tpf(_decode(path, prompts, lambda p: 64 - len(p) % 32)) for name, path in (("sft", plain),
                                                                                              ("cap", cap))}

@@ -10,7 +10,8 @@ import torch
 from blockdiff.batches import make_diffusion_batch
 from blockdiff.models import build_model, init_weights, tiny_dense_config
 from blockdiff.noise import MaskBand
-from nemo_dllm import megatron_model, objectives, parallel
+from blockdiff.objectives import pretrain_loss
+from nemo_dllm import megatron_model, parallel
 
 
 def main(tp_size: int, out_path: str) -> None:
@@ -28,7 +29,7 @@ def main(tp_size: int, out_path: str) -> None:
         g = torch.Generator().manual_seed(1000 * step + rank)  # differs per rank on purpose
         batch = parallel.broadcast_noise(make_diffusion_batch(ids, doc_ids, 8, "bdlm", 127, MaskBand(), g))
         digests.append(hashlib.sha256(batch.masked.numpy().tobytes() + batch.t_tok.numpy().tobytes()).hexdigest())
-        loss = objectives.pretrain_loss(model, batch)
+        loss = pretrain_loss(megatron_model.DiffusionForward(model), batch)
         opt.zero_grad()
         loss.backward()
         parallel.reduce_replicated_grads(model)
