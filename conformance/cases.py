@@ -1,4 +1,8 @@
-"""The shared conformance cases: models, prompts and decoding settings every stack runs (core venv).
+"""The hard decoding cases, one generator for the conformance matrix and the stack suites (core venv).
+
+Every request set starts from the probe request, whose EOS id is chosen from the model's own output so that it ends
+inside a block (`choose_eos`). The matrix (`build`) runs every stack on the cases below; the stack suites
+(tests/vllm, tests/sglang, tests/core/test_naive_oracle.py) draw theirs from `request_sets` and `load_requests`.
 
 Models: the tiny dense dLLM that this project's `wsd_cpt` recipe produces from a tiny AR base (run in the nemo venv),
 and a tiny random LLaDA2MoeModelLM; each served at block sizes 4, 8 and 32, with an EOS id chosen so that one prompt
@@ -138,6 +142,64 @@ def build(work: Path, nemo_python: str) -> Path:
     out = work / "cases.json"
     out.write_text(json.dumps({"models": {k: str(v) for k, v in models.items()}, "cases": cases}, indent=1))
     return out
+
+
+# The stack suites' request sets, at the block size the suites serve.
+SUITE_BLOCK = 32
+SUITE_LENGTHS = [1, 5, 31, 32, 33, 47, 64, 70]
+SUITE_MAX_TOKENS = [7, 32, 45, 64]
+
+
+def request_sets(vocab: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Single requests, and one batch of 8 to send concurrently: prompt lengths on and off block boundaries,
+    thresholds 0.95 and lower, max_tokens cut inside and at the end of blocks, two sampled requests with seeds. A
+    request: prompt, threshold, max_tokens and optionally temperature and seed."""
+    rng = random.Random(seed)
+    pool = [PROBE] + [[rng.randrange(2, vocab) for _ in range(n)] for n in SUITE_LENGTHS]
+    singles = [probe_request(SUITE_BLOCK)] + [
+        {"prompt": p, "threshold": t, "max_tokens": SUITE_MAX_TOKENS[(i + j) % len(SUITE_MAX_TOKENS)]}
+        for i, p in enumerate(pool) for j, t in enumerate((0.95, 0.5))]
+    concurrent = [probe_request(SUITE_BLOCK)] + [
+        {"prompt": p, "threshold": (0.95, 0.7, 0.3)[i % 3], "max_tokens": SUITE_MAX_TOKENS[i % len(SUITE_MAX_TOKENS)]}
+        for i, p in enumerate(pool[1:8])]
+    concurrent[5].update(temperature=0.8, seed=3)
+    concurrent[6].update(temperature=1.0, seed=4)
+    return singles, concurrent
+
+
+def load_requests(vocab: int, n: int = 64, seed: int = 0) -> list[dict]:
+    """`n` requests for a load test: the probe, then prompt lengths 1-70 on and off block boundaries, thresholds
+    0.95-0.0, max_tokens cut inside and at the end of blocks, every eighth sampled with a seed, every other one
+    streamed."""
+    rng = random.Random(seed)
+    requests = [probe_request(SUITE_BLOCK) | {"stream": True}]
+    for i in range(1, n):
+        length = SUITE_LENGTHS[i % len(SUITE_LENGTHS)] if i % 2 else rng.randrange(1, 71)
+        request = {"prompt": [rng.randrange(2, vocab) for _ in range(length)],
+                   "threshold": (0.95, 0.7, 0.5, 0.0)[i % 4], "max_tokens": (7, 32, 45, 64, 16)[i % 5], "stream": i % 2 == 0}
+        if i % 8 == 3:
+            request.update(temperature=0.8, seed=i)
+        requests.append(request)
+    return requests
+
+
+def reference_results(model: torch.nn.Module, eos: tuple[int, ...], batch: list[dict],
+                      block_size: int = SUITE_BLOCK) -> list[dict]:
+    """The core's reference decoder on a batch of requests: what every stack must return."""
+    params = [DecodeParams(r["max_tokens"], block_size, r["threshold"], temperature=r.get("temperature", 0.0),
+                           seed=r.get("seed") or 0) for r in batch]
+    results = ReferenceDecoder(model, MASK, eos).generate([r["prompt"] for r in batch], params)
+    return [{"tokens": r.tokens, "finish_reason": r.finish_reason, "denoise_forwards": r.denoise_forwards}
+            for r in results]
+
+
+def covers_the_hard_cases(requests: list[dict], results: list[dict], block_size: int = SUITE_BLOCK) -> None:
+    """The cases must actually include an EOS inside a block, a max_tokens cut inside a block, and prompts on and off
+    block boundaries; otherwise equality proves less than it claims."""
+    cases = list(zip(requests, results))
+    assert any(g["finish_reason"] == "stop" and (len(r["prompt"]) + len(g["tokens"])) % block_size for r, g in cases)
+    assert any(g["finish_reason"] == "length" and len(g["tokens"]) % block_size for r, g in cases)
+    assert {len(r["prompt"]) % block_size == 0 for r, _ in cases} == {True, False}
 
 
 if __name__ == "__main__":

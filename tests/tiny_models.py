@@ -1,5 +1,6 @@
 """Tiny models made by the core for the stack suites (each suite runs in its own venv, all import this)."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from blockdiff.models import (
     tiny_llada2_config,
     with_block_diffusion,
 )
+from conformance.cases import EOS, SUITE_BLOCK, choose_eos
 
 
 def make_tiny_ar_model(path: Path) -> torch.nn.Module:
@@ -55,3 +57,14 @@ def make_tiny_blockdiff_model(path: Path, arch: str, eos_token_ids: tuple[int, .
         raise ValueError(f"unknown tiny architecture {arch!r}")
     save_model(model, cfg, path)
     return model.eval()
+
+
+def make_served_model(path: Path, arch: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """The tiny `arch` model at `path` for the stack suites, its EOS ids (0, a token that ends the probe request
+    inside a block: `conformance.cases.choose_eos`)."""
+    model = make_tiny_blockdiff_model(path, arch, block_size=SUITE_BLOCK)
+    eos = (EOS, choose_eos(model, SUITE_BLOCK))
+    cfg = read_config(path)
+    cfg["block_diffusion"]["eos_token_ids"] = list(eos)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return model, eos

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from blockdiff.models import read_config, save_model
-from decoding_cases import MASK, B, covers_the_hard_cases, make_served_model, reference, request_sets
+from conformance.cases import MASK, SUITE_BLOCK, covers_the_hard_cases, reference_results, request_sets
 from drivers.servers import free_port, running_server
 from drivers.sglang_cpu import CPU_ENV, generate, launch_command, post
-from tiny_models import make_tiny_blockdiff_model
+from tiny_models import make_served_model, make_tiny_blockdiff_model
 
 
 def same(got: list[dict], want: list[dict]) -> bool:
@@ -34,7 +34,7 @@ def test_single_requests_match_the_reference(served):
     singles, _ = request_sets(served["vocab"], seed=len(served["arch"]))
     singles = singles[1::2]  # every prompt once, at threshold 0.5 (0.95 and 0.7 come in the concurrent batch): CPU time
     got = [generate(served["url"], r) for r in singles]
-    want = reference(served["model"], served["eos"], singles)
+    want = reference_results(served["model"], served["eos"], singles)
     assert same(got, want)
     covers_the_hard_cases(singles, got)
 
@@ -43,7 +43,7 @@ def test_eight_concurrent_requests_match_the_reference(served):
     _, batch = request_sets(served["vocab"], seed=len(served["arch"]))
     with ThreadPoolExecutor(len(batch)) as pool:
         got = list(pool.map(lambda r: generate(served["url"], r), batch))
-    want = reference(served["model"], served["eos"], batch)
+    want = reference_results(served["model"], served["eos"], batch)
     assert same(got, want)
     for g, w in zip(got, want):  # the accounting against the reference's numbers, not its own
         accounting = g["meta"]["block_diffusion"][0]
@@ -55,7 +55,7 @@ def test_radix_cache_reuses_whole_blocks(served):
     request = {"prompt": list(range(2, 72)), "threshold": 0.5, "max_tokens": 16}
     first, second = generate(served["url"], request), generate(served["url"], request)
     assert second["tokens"] == first["tokens"]
-    assert second["meta"]["cached_tokens"] >= 64 and second["meta"]["cached_tokens"] % B == 0
+    assert second["meta"]["cached_tokens"] >= 64 and second["meta"]["cached_tokens"] % SUITE_BLOCK == 0
 
 
 @pytest.mark.parametrize("sampling,needle", [
@@ -99,5 +99,5 @@ def test_sglang_low_confidence_on_its_llada2_agrees_with_the_core(low_confidence
     singles, _ = request_sets(low_confidence["vocab"], seed=7)
     greedy = [r | {"threshold": 0.95} for r in singles[::3]]  # 6 requests: LowConfidence on CPU is slow
     got = [generate(low_confidence["url"], r) for r in greedy]
-    want = reference(low_confidence["model"], low_confidence["eos"], greedy)
+    want = reference_results(low_confidence["model"], low_confidence["eos"], greedy)
     assert [(g["tokens"], g["finish_reason"]) for g in got] == [(w["tokens"], w["finish_reason"]) for w in want]

@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 import server_checks
 import soak
 from blockdiff.models import read_config
-from decoding_cases import MASK, B, load_requests, make_served_model, reference
+from conformance.cases import MASK, SUITE_BLOCK, load_requests, reference_results
 from drivers.servers import abandon_midway, check_batch_invariance, free_port, metric, running_server
 from drivers.sglang_cpu import CPU_ENV, launch_command, post
+from tiny_models import make_served_model
 
 MAX_RUNNING = 16
 CONTEXT = 256
@@ -239,12 +240,12 @@ def test_an_exhausted_kv_pool_makes_requests_wait_and_all_complete(tmp_path, fig
     with sglang_server(tmp_path, "--max-total-tokens", "512") as served:
         # every request runs to 64 tokens (3-5 blocks) unless it meets an EOS: 16 of them need over 2,000 slots
         requests = [r | {"max_tokens": 64} for r in load_requests(served["vocab"], 32, seed=1)]
-        need = sorted(-(-(len(r["prompt"]) + r["max_tokens"]) // B) * B for r in requests)
+        need = sorted(-(-(len(r["prompt"]) + r["max_tokens"]) // SUITE_BLOCK) * SUITE_BLOCK for r in requests)
         assert sum(need[-MAX_RUNNING:]) > 512, "the pool was meant to be too small for the running requests"
         with ThreadPoolExecutor(len(requests)) as pool:
             together = list(pool.map(lambda r: generate(served, r), requests))
         expected = [{"tokens": r["tokens"], "finish_reason": r["finish_reason"]}
-                    for r in reference(served["model"], served["eos"], requests)]
+                    for r in reference_results(served["model"], served["eos"], requests)]
         assert together == expected
         wait_until_idle(served)
         assert generate(served, {"prompt": [5, 6, 7], "threshold": 0.5, "max_tokens": 5})["tokens"]

@@ -14,8 +14,8 @@ import torch
 
 from blockdiff.masks import block_causal_mask
 from blockdiff.models import read_config
-from decoding_cases import B, covers_the_hard_cases, make_served_model, reference, request_sets
-from tiny_models import make_tiny_blockdiff_model
+from conformance.cases import SUITE_BLOCK, covers_the_hard_cases, reference_results, request_sets
+from tiny_models import make_served_model, make_tiny_blockdiff_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,14 +41,14 @@ def run_job(path: Path, job: dict, env: dict[str, str] | None = None) -> list[li
 
 def test_single_requests_match_the_reference(served):
     for batch, got in zip(served["batches"][:-1], served["got"][:-1]):
-        want = reference(served["model"], served["eos"], batch)
+        want = reference_results(served["model"], served["eos"], batch)
         assert [{k: g[k] for k in want[0]} for g in got] == want, batch
 
 
 def test_eight_concurrent_requests_match_the_reference(served):
     batch, got = served["batches"][-1], served["got"][-1]
     assert len(batch) == 8
-    want = reference(served["model"], served["eos"], batch)
+    want = reference_results(served["model"], served["eos"], batch)
     assert [{k: g[k] for k in want[0]} for g in got] == want
 
 
@@ -58,7 +58,7 @@ def test_the_cases_cover_eos_inside_a_block_and_max_tokens_cuts(served):
 
 def test_accounting_against_the_reference(served):
     for batch, got in zip(served["batches"], served["got"]):
-        for g, w in zip(got, reference(served["model"], served["eos"], batch)):
+        for g, w in zip(got, reference_results(served["model"], served["eos"], batch)):
             assert g["nfe"] >= g["denoise_forwards"] == w["denoise_forwards"] >= 1
             assert g["tpf"] == pytest.approx(len(w["tokens"]) / w["denoise_forwards"])
 
@@ -74,7 +74,8 @@ def test_every_denoising_steps_logits_match_the_core_model(served):
         ids = torch.tensor(rec["context"] + rec["block"])
         n = len(ids)
         with torch.no_grad():
-            want = model(ids[None], torch.arange(n)[None], block_causal_mask(n, B)[None])[0, -B:].float()
+            logits = model(ids[None], torch.arange(n)[None], block_causal_mask(n, SUITE_BLOCK)[None])
+            want = logits[0, -SUITE_BLOCK:].float()
         worst = max(worst, float((rec["logits"] - want).abs().max()))
     assert worst < 1e-4, worst
 
@@ -88,5 +89,5 @@ def test_preempted_requests_still_match_the_reference(tmp_path):
     got = run_job(tmp_path, {"model": str(tmp_path), "batches": [batch],
                              "engine": {"block_size": 32, "num_gpu_blocks_override": 17}})[0]
     assert sum(g["preemptions"] for g in got) > 0
-    want = reference(model, (0,), batch)
+    want = reference_results(model, (0,), batch)
     assert [{k: g[k] for k in want[0]} for g in got] == want

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 import server_checks
 import soak
 from blockdiff.models import read_config
-from decoding_cases import MASK, load_requests, make_served_model
+from conformance.cases import MASK, load_requests
 from drivers.servers import abandon_midway, check_batch_invariance, free_port, metric, running_server
+from tiny_models import make_served_model
 
 KV_PAGES = 24  # pages of 32 tokens: the 64 requests need ~200 together, one request at most 8 (256 tokens)
 CONTEXT = 256
