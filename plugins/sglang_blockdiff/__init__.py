@@ -33,6 +33,8 @@ def register() -> None:
                           hooks.attach_requests, HookType.AROUND)
     HookRegistry.register("sglang.srt.managers.schedule_policy.PrefillAdder.add_dllm_staging_req",
                           hooks.stage_whole_blocks_only, HookType.AROUND)
+    HookRegistry.register("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin._fetch_waiting_reqs",
+                          hooks.admit_only_what_the_pool_can_finish, HookType.AROUND)
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens",
                           hooks.refuse_prompts_without_room, HookType.AFTER)
     if multiprocessing.parent_process() is None:  # the launching process, the one that serves HTTP

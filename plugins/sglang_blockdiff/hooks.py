@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import yaml
 
@@ -102,12 +103,45 @@ def install_request_guard(*args, **kwargs) -> None:
         app.state.blockdiff_guard = True
 
 
+def admit_only_what_the_pool_can_finish(original, scheduler):
+    """`Scheduler._fetch_waiting_reqs`: move waiting requests into the dLLM manager (where they start taking KV) only
+    while the KV their in-progress peers and they will hold at their largest, prompt plus max_new_tokens rounded up to
+    whole blocks and pages, fits in the pool. SGLang 0.5.23 admits up to --max-running-requests regardless: once the
+    admitted requests' committed blocks fill the pool, each waits for room for its next block that only another's
+    finish would free, and the server stalls for good (seen with a 512-token pool and 16 running: usage 1.00, no
+    forward for minutes; with SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE the stall is reported as a leak and the
+    server exits). In first-come order; a request alone is always admitted, so a large one cannot wait forever."""
+    granule = math.lcm(scheduler.dllm_config.block_size, scheduler.page_size)
+
+    def footprint(req) -> int:
+        most = len(req.origin_input_ids) + (req.sampling_params.max_new_tokens or 0)
+        return -(-most // granule) * granule
+
+    try:
+        held = sum(footprint(r) for r in scheduler.dllm_manager.waiting_queue)
+        admissible = 0
+        for req in scheduler.waiting_queue:
+            held += footprint(req)
+            if held > scheduler.max_total_num_tokens and (admissible or scheduler.dllm_manager.waiting_queue):
+                break
+            admissible += 1
+    except Exception:  # noqa: BLE001 - never take the scheduler down: admit as SGLang would
+        logger.exception("sizing the waiting requests' KV failed; admitting as SGLang does")
+        return original(scheduler)
+    waiting, scheduler.waiting_queue = scheduler.waiting_queue, scheduler.waiting_queue[:admissible]
+    try:
+        original(scheduler)
+    finally:
+        scheduler.waiting_queue += waiting[admissible:]
+
+
 def stage_whole_blocks_only(original, adder, req):
     """`PrefillAdder.add_dllm_staging_req`: a request's next block runs whole or waits for the next round. SGLang
     0.5.23 cuts the block to the round's remaining KV budget, which its own reservations for this round's requests
     can bring below a block, and once that budget is spent it stops counting KV and extends by up to the round's
     compute budget; either way the forward fails on mismatched buffers and kills the scheduler. Waiting is safe:
-    the round's offsets are reset next round, and SGLang admits a request only with room for its max_new_tokens."""
+    the round's offsets are reset next round, and `admit_only_what_the_pool_can_finish` keeps room for every admitted
+    request's blocks."""
     block = adder.dllm_config.block_size
     if not adder.dllm_config.requires_separate_context_encoding and \
             min(adder.rem_dllm_tokens, int(adder.rem_total_tokens)) < block:
