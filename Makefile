@@ -8,9 +8,9 @@ NEMO = $$(dirname $$($(PYTHON) tools/envs.py --path nemo))/nemo
 demo:  ## the main job: tiny AR base -> NeMo recipes on Megatron (wsd_cpt, sft + cap, dpo, merge) -> decode, TPF
 	$(PYTHON) tools/envs.py core nemo
 	rm -rf runs/demo runs/nemo
-	$(CORE) -m blockdiff.demo base
+	$(CORE) -m blockdiff_demo base
 	$(NEMO) dllm pipeline --factory tiny --direct --yes
-	$(CORE) -m blockdiff.demo decode runs/nemo/sft/hf runs/nemo/cap/hf runs/nemo/merged
+	$(CORE) -m blockdiff_demo decode runs/nemo/sft/hf runs/nemo/cap/hf runs/nemo/merged
 
 test:  ## lint, every test suite in its stack's venv, the cross-stack conformance matrix, and a break it must catch
 	$(PYTHON) tools/test.py

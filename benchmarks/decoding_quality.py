@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from blockdiff.data import humaneval_prompts, load_tokenizer
 from blockdiff.decoding import DecodeParams, ReferenceDecoder
-from blockdiff.demo import SCALES, block_aligned_budget, build_data
 from blockdiff.masks import block_causal_mask
 from blockdiff.models import BlockDiffusionSettings, load_model
 from blockdiff.objectives import ReferenceForward, heldout_accuracy
+from blockdiff.text import load_tokenizer
+from blockdiff_demo.corpus import humaneval_prompts
+from blockdiff_demo.job import SCALES, block_aligned_budget, build_data
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"

@@ -129,8 +129,9 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where `make demo` wrote (default: runs/)")
     parser.add_argument("--stacks", default="reference,vllm,sglang")
     args = parser.parse_args()
-    from blockdiff.data import humaneval_prompts, load_tokenizer
-    from blockdiff.demo import block_aligned_budget
+    from blockdiff.text import load_tokenizer
+    from blockdiff_demo.corpus import humaneval_prompts
+    from blockdiff_demo.job import block_aligned_budget
 
     models = {"ar": args.runs / "demo/ar-base", "sft": args.runs / "nemo/sft/hf", "cap": args.runs / "nemo/cap/hf"}
     for path in models.values():

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from blockdiff.data import humaneval_prompts, load_tokenizer, save_tokenizer, stdlib_documents, train_tokenizer
 from blockdiff.decoding import DecodeParams, ReferenceDecoder
 from blockdiff.models import (
     build_model,
@@ -33,6 +32,8 @@ from blockdiff.models import (
     tiny_dense_config,
     tiny_llada2_config,
 )
+from blockdiff.text import load_tokenizer, save_tokenizer, train_tokenizer
+from blockdiff_demo.corpus import humaneval_prompts, stdlib_documents
 
 BLOCK_SIZES = (4, 8, 32)
 THRESHOLDS = (0.95, 0.7, 0.0)
@@ -176,7 +177,8 @@ def load_requests(vocab: int, n: int = 64, seed: int = 0) -> list[dict]:
     for i in range(1, n):
         length = SUITE_LENGTHS[i % len(SUITE_LENGTHS)] if i % 2 else rng.randrange(1, 71)
         request = {"prompt": [rng.randrange(2, vocab) for _ in range(length)],
-                   "threshold": (0.95, 0.7, 0.5, 0.0)[i % 4], "max_tokens": (7, 32, 45, 64, 16)[i % 5], "stream": i % 2 == 0}
+                   "threshold": (0.95, 0.7, 0.5, 0.0)[i % 4], "max_tokens": (7, 32, 45, 64, 16)[i % 5],
+                   "stream": i % 2 == 0}
         if i % 8 == 3:
             request.update(temperature=0.8, seed=i)
         requests.append(request)

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import torch
 
-from blockdiff.data import save_tokenizer, train_tokenizer
 from blockdiff.models import (
     BlockDiffusionSettings,
     build_model,
@@ -16,6 +15,7 @@ from blockdiff.models import (
     tiny_llada2_config,
     with_block_diffusion,
 )
+from blockdiff.text import save_tokenizer, train_tokenizer
 from conformance.cases import EOS, SUITE_BLOCK, choose_eos
 
 

@@ -52,33 +52,37 @@ def pipeline(config: PipelineConfig) -> None:
     stages.pipeline(config)
 
 
-# Toy-scale recipes for the embedded tiny model (runs/demo/ar-base from `make demo`); paths are overridable.
+# Toy-scale recipes for the demo's tiny model and data (runs/demo/ar-base and runs/demo/data/*.jsonl, written by
+# `python -m blockdiff_demo base`); paths are overridable.
+DEMO_DATA = "runs/demo/data"
 @run.cli.factory(target=wsd_cpt, name="tiny")
 def tiny_wsd_cpt(init_from: str = "runs/demo/ar-base", out_dir: str = "runs/nemo/wsd_cpt") -> run.Partial:
     return run.Partial(wsd_cpt, config=run.Config(
-        WSDConfig, init_from=init_from, out_dir=out_dir, seq_len=256, batch_size=8, warmup_tokens=8 * 256 * 40,
-        stable_tokens=8 * 256 * 80, decay_tokens=8 * 256 * 40,
+        WSDConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/pretrain.jsonl", seq_len=256, batch_size=8,
+        warmup_tokens=8 * 256 * 40, stable_tokens=8 * 256 * 80, decay_tokens=8 * 256 * 40,
         trainer=run.Config(TrainerConfig, lr=2e-3, warmup_steps=5, save_every=100)))
 
 
 @run.cli.factory(target=sft, name="tiny")
 def tiny_sft(init_from: str = "runs/nemo/wsd_cpt/hf", out_dir: str = "runs/nemo/sft") -> run.Partial:
     return run.Partial(sft, config=run.Config(
-        SFTConfig, init_from=init_from, out_dir=out_dir, seq_len=256, batch_size=8,
+        SFTConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/sft.jsonl", seq_len=256, batch_size=8,
         trainer=run.Config(TrainerConfig, max_steps=150, lr=1e-3, warmup_steps=5, save_every=50)))
 
 
 @run.cli.factory(target=cap, name="tiny")
 def tiny_cap(init_from: str = "runs/nemo/sft/hf", out_dir: str = "runs/nemo/cap") -> run.Partial:
     return run.Partial(cap, config=run.Config(
-        SFTConfig, init_from=init_from, out_dir=out_dir, seq_len=256, batch_size=8, confidence_weight=2.0,
+        SFTConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/sft.jsonl", seq_len=256, batch_size=8,
+        confidence_weight=2.0,
         trainer=run.Config(TrainerConfig, max_steps=100, lr=5e-4, warmup_steps=5, save_every=50)))
 
 
 @run.cli.factory(target=dpo, name="tiny")
 def tiny_dpo(init_from: str = "runs/nemo/cap/hf", out_dir: str = "runs/nemo/dpo") -> run.Partial:
     return run.Partial(dpo, config=run.Config(
-        DPOConfig, init_from=init_from, out_dir=out_dir, seq_len=256, batch_size=4,
+        DPOConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/preferences.jsonl", seq_len=256,
+        batch_size=4,
         trainer=run.Config(TrainerConfig, max_steps=40, warmup_steps=2, save_every=10)))
 
 
@@ -93,13 +97,17 @@ def tiny_pipeline(init_from: str = "runs/demo/ar-base", out_dir: str = "runs/nem
     trainer = dict(lr=1e-3, warmup_steps=3, save_every=20)
     return run.Partial(pipeline, config=run.Config(
         PipelineConfig,
-        wsd=run.Config(WSDConfig, init_from=init_from, out_dir=f"{out_dir}/wsd_cpt", seq_len=256, batch_size=8,
+        wsd=run.Config(WSDConfig, init_from=init_from, out_dir=f"{out_dir}/wsd_cpt", data=f"{DEMO_DATA}/pretrain.jsonl",
+                       seq_len=256, batch_size=8,
                        warmup_tokens=8 * 256 * 16, stable_tokens=8 * 256 * 32, decay_tokens=8 * 256 * 16,
                        trainer=run.Config(TrainerConfig, lr=2e-3, warmup_steps=5, save_every=100)),
-        sft=run.Config(SFTConfig, init_from=f"{out_dir}/wsd_cpt/hf", out_dir=f"{out_dir}/sft", batch_size=8,
+        sft=run.Config(SFTConfig, init_from=f"{out_dir}/wsd_cpt/hf", out_dir=f"{out_dir}/sft",
+                       data=f"{DEMO_DATA}/sft.jsonl", batch_size=8,
                        trainer=run.Config(TrainerConfig, max_steps=30, **trainer)),
-        cap=run.Config(SFTConfig, init_from=f"{out_dir}/wsd_cpt/hf", out_dir=f"{out_dir}/cap", batch_size=8,
+        cap=run.Config(SFTConfig, init_from=f"{out_dir}/wsd_cpt/hf", out_dir=f"{out_dir}/cap",
+                       data=f"{DEMO_DATA}/sft.jsonl", batch_size=8,
                        confidence_weight=2.0, trainer=run.Config(TrainerConfig, max_steps=30, **trainer)),
-        dpo=run.Config(DPOConfig, init_from=f"{out_dir}/cap/hf", out_dir=f"{out_dir}/dpo", batch_size=4,
+        dpo=run.Config(DPOConfig, init_from=f"{out_dir}/cap/hf", out_dir=f"{out_dir}/dpo",
+                       data=f"{DEMO_DATA}/preferences.jsonl", batch_size=4,
                        trainer=run.Config(TrainerConfig, max_steps=20, warmup_steps=2, save_every=5)),
         merge=run.Config(MergeConfig, run_dir=f"{out_dir}/dpo", out_dir=f"{out_dir}/merged", top_k=2)))

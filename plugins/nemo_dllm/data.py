@@ -1,6 +1,6 @@
 """Training data for the recipes: packed pretraining documents with their boundaries, prompt/response pairs for SFT,
-preference triples for DPO. JSONL files are checked line by line before training starts; an error names the file,
-the line and what is wrong with it. The built-in sources come from the core's embedded standard-library data."""
+preference triples for DPO, each from a JSONL file checked line by line before training starts; an error names the
+file, the line and what is wrong with it. (`python -m blockdiff_demo base` writes the demo's files in this format.)"""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from blockdiff.data import EOS, function_sft_pairs, pack_documents, render_chat, special_id, stdlib_documents
 from blockdiff.noise import pad_to_block_multiple
-
-BUILTIN = "stdlib"  # pretraining: the standard library's files; SFT/DPO: its documented functions
+from blockdiff.text import EOS, pack_documents, render_chat, special_id
 
 
 class DataError(ValueError):
@@ -50,13 +48,9 @@ def read_jsonl(path: str | Path, schema: dict[str, type]) -> list[dict]:
 def pretraining_rows(source: str, tok: Tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                         torch.Tensor]:
     """(train ids, train doc ids, validation ids, validation doc ids), rows of seq_len packed with EOS between
-    documents. `source` is "stdlib" or a JSONL file of {"text": ...} documents (every 20th held out)."""
-    if source == BUILTIN:
-        docs = stdlib_documents()
-        texts, held_out = [d.text for d in docs], [d.is_validation for d in docs]
-    else:
-        texts = [r["text"] for r in read_jsonl(source, {"text": str})]
-        held_out = [i % 20 == 19 for i in range(len(texts))]
+    documents, from a JSONL file of {"text": ...} documents (every 20th held out)."""
+    texts = [r["text"] for r in read_jsonl(source, {"text": str})]
+    held_out = [i % 20 == 19 for i in range(len(texts))]
     encoded = [e.ids for e in tok.encode_batch(texts)]
     eos = special_id(tok, EOS)
     train = pack_documents([e for e, v in zip(encoded, held_out) if not v], seq_len, eos)
@@ -79,29 +73,25 @@ def _chat_prompt(messages: list, where: str) -> tuple[str, str]:
 
 
 def sft_examples(source: str, tok: Tokenizer) -> list[Example]:
-    """From "stdlib" (signature + docstring -> body) or a JSONL of {"prompt", "response"} or chat-style
-    {"messages": [...]} lines."""
+    """From a JSONL of {"prompt", "response"} or chat-style {"messages": [...]} lines."""
     eos = special_id(tok, EOS)
-    if source == BUILTIN:
-        pairs = [(p.prompt, p.response) for p in function_sft_pairs(stdlib_documents())]
-    else:
-        path, pairs = Path(source), []
-        for lineno, line in enumerate(path.read_text().splitlines() if path.exists() else [], start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if isinstance(row, dict) and "messages" in row:
-                pairs.append(_chat_prompt(row["messages"], where))
-            elif isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k] for k in ("prompt", "response")):
-                pairs.append((row["prompt"], row["response"]))
-            else:
-                raise DataError(f"{where}: expected {{'prompt', 'response'}} strings or a 'messages' list")
-        if not pairs:
-            raise DataError(f"data file {path} does not exist or has no examples")
+    path, pairs = Path(source), []
+    for lineno, line in enumerate(path.read_text().splitlines() if path.exists() else [], start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        if isinstance(row, dict) and "messages" in row:
+            pairs.append(_chat_prompt(row["messages"], where))
+        elif isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k] for k in ("prompt", "response")):
+            pairs.append((row["prompt"], row["response"]))
+        else:
+            raise DataError(f"{where}: expected {{'prompt', 'response'}} strings or a 'messages' list")
+    if not pairs:
+        raise DataError(f"data file {path} does not exist or has no examples")
     return [Example(tok.encode(p).ids, tok.encode(r).ids + [eos]) for p, r in pairs]
 
 
@@ -113,15 +103,9 @@ class Preference:
 
 
 def preference_examples(source: str, tok: Tokenizer) -> list[Preference]:
-    """From a JSONL of {"prompt", "chosen", "rejected"} lines, or "stdlib": each documented function's own body is
-    chosen over the body of the next function in the corpus."""
+    """From a JSONL of {"prompt", "chosen", "rejected"} lines."""
     eos = special_id(tok, EOS)
-    if source == BUILTIN:
-        pairs = function_sft_pairs(stdlib_documents())
-        rows = [{"prompt": p.prompt, "chosen": p.response, "rejected": pairs[(i + 1) % len(pairs)].response}
-                for i, p in enumerate(pairs)]
-    else:
-        rows = read_jsonl(source, {"prompt": str, "chosen": str, "rejected": str})
+    rows = read_jsonl(source, {"prompt": str, "chosen": str, "rejected": str})
     return [Preference(tok.encode(r["prompt"]).ids, tok.encode(r["chosen"]).ids + [eos],
                        tok.encode(r["rejected"]).ids + [eos]) for r in rows]
 

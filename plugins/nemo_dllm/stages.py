@@ -15,12 +15,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from blockdiff.batches import DiffusionBatch, make_diffusion_batch
-from blockdiff.data import EOS, MASK, load_tokenizer, special_id
 from blockdiff.merge import merge_checkpoints, select_top_k
 from blockdiff.models import BlockDiffusionSettings, read_config, save_weights, with_block_diffusion
 from blockdiff.noise import MaskBand
 from blockdiff.objectives import EmbeddingNoise, dpo_objective, heldout_accuracy, pretrain_loss, sft_objective
 from blockdiff.schedules import WSDSchedule
+from blockdiff.text import EOS, MASK, load_tokenizer, special_id
 from nemo_dllm import data, megatron_model, parallel
 from nemo_dllm.data import Example
 from nemo_dllm.trainer import TrainerConfig, train
@@ -32,7 +32,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 class WSDConfig:
     init_from: str  # HF directory of the AR model
     out_dir: str
-    data: str = data.BUILTIN
+    data: str  # JSONL: {"text"} documents
     seq_len: int = 256
     batch_size: int = 8
     warmup_blocks: tuple[int, ...] = (1, 4, 32, 64)
@@ -57,7 +57,7 @@ class WSDConfig:
 class SFTConfig:
     init_from: str  # HF directory of a block-diffusion model
     out_dir: str
-    data: str = data.BUILTIN
+    data: str  # JSONL: {"prompt", "response"} or {"messages"} lines
     seq_len: int = 256
     batch_size: int = 8
     mask_band: tuple[float, float] = (0.3, 0.8)
@@ -70,7 +70,7 @@ class SFTConfig:
 class DPOConfig:
     init_from: str  # HF directory of the SFT model: the policy's start and the frozen reference
     out_dir: str
-    data: str = data.BUILTIN
+    data: str  # JSONL: {"prompt", "chosen", "rejected"} lines
     seq_len: int = 256
     batch_size: int = 4
     beta: float = 0.1

@@ -1,19 +1,17 @@
 import pytest
 from transformers import AutoTokenizer
 
-from blockdiff.data import (
+from blockdiff.text import (
     EOS,
     MASK,
-    function_sft_pairs,
-    humaneval_prompts,
     load_tokenizer,
     pack_documents,
     render_chat,
     save_tokenizer,
     special_id,
-    stdlib_documents,
     train_tokenizer,
 )
+from blockdiff_demo.corpus import function_sft_pairs, humaneval_prompts, stdlib_documents
 
 
 @pytest.fixture(scope="module")

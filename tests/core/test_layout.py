@@ -1,6 +1,7 @@
 """Project-level invariants. The layout's rules, read from the source (every import, also those inside functions):
-the core imports no stack, no adapter imports another, conformance and benchmarks take nothing from tests/, nothing
-edits sys.path, and no module of the packages imports itself back through others. The plugins' entry points are
+the core (core/) imports no stack, no plugin and not the demo application (apps/), no plugin imports another or the
+demo, conformance and benchmarks take nothing from tests/, nothing edits sys.path, and no module of the packages
+imports itself back through others. The plugins' entry points are
 declared; the venv builder is idempotent."""
 
 import ast
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PLUGINS = ROOT / "plugins"
+PACKAGE_ROOTS = (ROOT / "core", ROOT / "plugins", ROOT / "apps")
 STACKS = {"vllm", "sglang", "megatron", "nemo", "nemo_run", "lightning", "transformer_engine"}
 ADAPTERS = {"vllm_blockdiff", "sglang_blockdiff", "nemo_dllm"}
+DEMO = "blockdiff_demo"
 TESTS_MODULES = {p.stem for p in (ROOT / "tests").rglob("*.py")} | {"tests"}
 
 
@@ -24,7 +26,8 @@ def python_files(*folders: str) -> list[Path]:
 
 
 def module_name(path: Path) -> str:
-    parts = list(path.relative_to(PLUGINS if path.is_relative_to(PLUGINS) else ROOT).with_suffix("").parts)
+    root = next((r for r in PACKAGE_ROOTS if path.is_relative_to(r)), ROOT)
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -47,21 +50,27 @@ def imports(path: Path) -> set[str]:
 
 def is_module(name: str) -> bool:
     return any((root / name.replace(".", "/")).with_suffix(".py").exists() or (root / name.replace(".", "/")).is_dir()
-               for root in (PLUGINS, ROOT))
+               for root in (*PACKAGE_ROOTS, ROOT))
 
 
 def top_levels(path: Path) -> set[str]:
     return {name.split(".")[0] for name in imports(path)}
 
 
-@pytest.mark.parametrize("path", python_files("plugins/blockdiff"), ids=lambda p: module_name(p))
-def test_the_core_imports_no_stack_and_no_adapter(path):
-    assert not top_levels(path) & (STACKS | ADAPTERS)
+@pytest.mark.parametrize("path", python_files("core"), ids=lambda p: module_name(p))
+def test_the_core_imports_no_stack_no_adapter_and_not_the_demo(path):
+    assert not top_levels(path) & (STACKS | ADAPTERS | {DEMO})
+
+
+def test_the_packages_sit_where_the_layout_says():
+    assert {p.name for p in (ROOT / "core").iterdir() if p.is_dir()} == {"blockdiff"}
+    assert {p.name for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").exists()} == ADAPTERS
+    assert {p.name for p in (ROOT / "apps").iterdir() if p.is_dir()} == {DEMO}
 
 
 @pytest.mark.parametrize("adapter", sorted(ADAPTERS))
-def test_no_adapter_imports_another(adapter):
-    others = ADAPTERS - {adapter}
+def test_no_adapter_imports_another_or_the_demo(adapter):
+    others = ADAPTERS - {adapter} | {DEMO}
     wrong = {module_name(p): top_levels(p) & others for p in python_files(f"plugins/{adapter}")}
     assert not {m: names for m, names in wrong.items() if names}
 
@@ -72,15 +81,15 @@ def test_conformance_and_benchmarks_take_nothing_from_tests():
 
 
 def test_nothing_edits_sys_path():
-    edits = [f"{p.relative_to(ROOT)}:{node.lineno}" for p in python_files("plugins", "tests", "conformance", "benchmarks",
-                                                                           "drivers", "tools")
+    folders = ("core", "plugins", "apps", "tests", "conformance", "benchmarks", "drivers", "tools")
+    edits = [f"{p.relative_to(ROOT)}:{node.lineno}" for p in python_files(*folders)
              for node in ast.walk(ast.parse(p.read_text()))
              if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys"]
     assert not edits
 
 
 def test_no_import_loop_among_the_packages():
-    modules = {module_name(p): p for p in python_files("plugins")}
+    modules = {module_name(p): p for p in python_files("core", "plugins", "apps")}
     graph = {name: {m for m in imports(path) if m in modules and m != name} for name, path in modules.items()}
     loops, state = [], {}
 

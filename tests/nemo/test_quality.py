@@ -10,17 +10,6 @@ import pytest
 import torch
 
 from blockdiff.batches import make_diffusion_batch
-from blockdiff.data import (
-    EOS,
-    MASK,
-    function_sft_pairs,
-    load_tokenizer,
-    pack_documents,
-    save_tokenizer,
-    special_id,
-    stdlib_documents,
-    train_tokenizer,
-)
 from blockdiff.decoding import DecodeParams, ReferenceDecoder
 from blockdiff.losses import confidence_loss
 from blockdiff.models import (
@@ -33,7 +22,9 @@ from blockdiff.models import (
 )
 from blockdiff.noise import MaskBand
 from blockdiff.objectives import ReferenceForward, noisy_logits
-from blockdiff.train import OptimConfig, train_ar
+from blockdiff.text import EOS, MASK, load_tokenizer, pack_documents, save_tokenizer, special_id, train_tokenizer
+from blockdiff_demo.corpus import function_sft_pairs, stdlib_documents, write_recipe_data
+from blockdiff_demo.train import OptimConfig, train_ar
 from nemo_dllm import data as recipe_data
 from nemo_dllm.stages import SFTConfig, WSDConfig, sft, wsd_cpt
 from nemo_dllm.trainer import TrainerConfig
@@ -82,12 +73,13 @@ def test_wsd_accuracy_far_above_chance_and_cap_sharpens_right_answers(converted,
     assert summary["masked_token_accuracy"] > 20 * summary["chance"]
 
     budget = TrainerConfig(max_steps=60, lr=1e-3, warmup_steps=3, save_every=1000)
-    plain = sft(SFTConfig(init_from=str(converted), out_dir=str(tmp_path / "sft"), seq_len=128, batch_size=8,
-                          trainer=budget))
-    cap = sft(SFTConfig(init_from=str(converted), out_dir=str(tmp_path / "cap"), seq_len=128, batch_size=8,
-                        confidence_weight=2.0, trainer=budget))
+    data = str(write_recipe_data(tmp_path / "data")["sft"])  # the demo's: every documented stdlib function
+    plain = sft(SFTConfig(init_from=str(converted), out_dir=str(tmp_path / "sft"), data=data, seq_len=128,
+                          batch_size=8, trainer=budget))
+    cap = sft(SFTConfig(init_from=str(converted), out_dir=str(tmp_path / "cap"), data=data, seq_len=128,
+                        batch_size=8, confidence_weight=2.0, trainer=budget))
     tok = load_tokenizer(converted)
-    examples = recipe_data.sft_examples("stdlib", tok)
+    examples = recipe_data.sft_examples(data, tok)
     held_out = [e for e in examples[-40:] if len(e.prompt) < 96][:8]
     ids, response, doc_ids = recipe_data.response_batch([(e.prompt, e.response) for e in held_out], 128, 32,
                                                         special_id(tok, EOS))

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from blockdiff.data import save_tokenizer, stdlib_documents, train_tokenizer
 from blockdiff.models import build_model, init_weights, save_model, tiny_dense_config
+from blockdiff.text import save_tokenizer, train_tokenizer
+from blockdiff_demo.corpus import stdlib_documents
 from nemo_dllm.data import DataError, read_jsonl, sft_examples
 from nemo_dllm.stages import SFTConfig, WSDConfig, sft, wsd_cpt
 from nemo_dllm.trainer import read_metrics
@@ -91,7 +92,7 @@ def test_wsd_block_sizes_and_losses_survive_sigkills_at_random_points(ar_base, t
         f.write('{"step": 98, "lo')
     _wsd(ar_base, killed, corpus)  # same command: resumes from its last complete checkpoint
     straight, resumed = _metrics(tmp_path / "straight"), _metrics(killed)
-    schedule = WSDConfig(init_from="", out_dir="", seq_len=64, warmup_tokens=384, stable_tokens=768,
+    schedule = WSDConfig(init_from="", out_dir="", data="", seq_len=64, warmup_tokens=384, stable_tokens=768,
                          decay_tokens=384).schedule()
     assert [r["step"] for r in resumed] == list(range(21))
     assert [r["block_size"] for r in resumed] == [schedule.phase_at(s, 128).block_size for s in range(21)]
@@ -103,7 +104,7 @@ def test_wsd_block_sizes_and_losses_survive_sigkills_at_random_points(ar_base, t
 
 
 def test_sequence_length_not_divisible_fails_before_training(ar_base, tmp_path):
-    cfg = WSDConfig(init_from=str(ar_base), out_dir=str(tmp_path / "out"), seq_len=100)
+    cfg = WSDConfig(init_from=str(ar_base), out_dir=str(tmp_path / "out"), data="unread.jsonl", seq_len=100)
     with pytest.raises(ValueError, match="sequence length 100 is not divisible by block size"):
         wsd_cpt(cfg)
     assert not (tmp_path / "out").exists()
@@ -112,7 +113,7 @@ def test_sequence_length_not_divisible_fails_before_training(ar_base, tmp_path):
 def test_bad_data_lines_are_named(ar_base, tmp_path):
     bad = tmp_path / "sft.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
-    from blockdiff.data import load_tokenizer
+    from blockdiff.text import load_tokenizer
 
     tok = load_tokenizer(ar_base)
     with pytest.raises(DataError, match=f"{bad}:2: expected"):
@@ -127,7 +128,7 @@ def test_bad_data_lines_are_named(ar_base, tmp_path):
 
 def test_sft_on_an_ar_checkpoint_is_refused(ar_base, tmp_path):
     with pytest.raises(ValueError, match="no `block_diffusion` section"):
-        sft(SFTConfig(init_from=str(ar_base), out_dir=str(tmp_path / "o")))
+        sft(SFTConfig(init_from=str(ar_base), out_dir=str(tmp_path / "o"), data="unread.jsonl"))
 
 
 def test_cli_lists_the_stages_and_names_a_bad_key():

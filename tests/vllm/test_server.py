@@ -11,8 +11,8 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from blockdiff.data import render_chat
 from blockdiff.decoding import DecodeParams, ReferenceDecoder
+from blockdiff.text import render_chat
 from drivers.servers import abandon_midway, free_port, metric, running_server
 from tiny_models import make_tiny_blockdiff_model
 

@@ -1,9 +1,9 @@
-"""The toy-scale pipeline on the core alone: train a tiny AR model on the standard library (`base`), convert it to
-block diffusion with a short Warmup-Stable-Decay run (`convert`), then decode HumanEval prompts with the reference
-decoder and print the completions with their tokens per forward (`decode`). `make demo` uses `base`, runs the
-conversion and post-training as NeMo recipes on Megatron, and ends with `decode`.
+"""The toy-scale main job: train a tiny AR model on the standard library and write the recipes' JSONL data (`base`),
+convert it to block diffusion with a short core-only Warmup-Stable-Decay run (`convert`), then decode HumanEval prompts
+with the reference decoder and print the completions with their tokens per forward (`decode`). `make demo` uses
+`base`, runs the conversion and post-training as NeMo recipes on Megatron, and ends with `decode`.
 
-    python -m blockdiff.demo [all|base|convert|decode MODEL...] [--out runs/demo] [--scale quick]
+    python -m blockdiff_demo [all|base|convert|decode MODEL...] [--out runs/demo] [--scale quick]
 """
 
 from __future__ import annotations
@@ -16,17 +16,6 @@ from pathlib import Path
 
 import torch
 
-from blockdiff.data import (
-    EOS,
-    MASK,
-    humaneval_prompts,
-    load_tokenizer,
-    pack_documents,
-    save_tokenizer,
-    special_id,
-    stdlib_documents,
-    train_tokenizer,
-)
 from blockdiff.decoding import DecodeParams, ReferenceDecoder
 from blockdiff.models import (
     BlockDiffusionSettings,
@@ -39,7 +28,9 @@ from blockdiff.models import (
 )
 from blockdiff.objectives import ReferenceForward, heldout_accuracy
 from blockdiff.schedules import WSDSchedule
-from blockdiff.train import OptimConfig, train_ar, train_wsd
+from blockdiff.text import EOS, MASK, load_tokenizer, pack_documents, save_tokenizer, special_id, train_tokenizer
+from blockdiff_demo.corpus import humaneval_prompts, stdlib_documents, write_recipe_data
+from blockdiff_demo.train import OptimConfig, train_ar, train_wsd
 
 # phase_steps: each WSD phase's token budget in training steps (Stable gets twice that). max_tokens: the most tokens
 # generated per prompt; each request stops at the block boundary at or below it, so no block is cut.
@@ -49,7 +40,8 @@ SCALES = {
 }
 
 
-def build_data(out: Path, vocab: int, seq_len: int) -> tuple[Path, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def build_data(out: Path, vocab: int, seq_len: int
+               ) -> tuple[Path, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     tok_dir = out / "tokenizer"
     docs = stdlib_documents()
     if not (tok_dir / "tokenizer.json").exists():
@@ -91,6 +83,8 @@ def make_base(out: Path, s: dict) -> Path:
     save_model(model, cfg, ar_dir)
     copy_tokenizer(tok_dir, ar_dir)
     print(f"       AR loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}", flush=True)
+    files = write_recipe_data(out / "data")
+    print(f"[base] the recipes' data: {', '.join(str(p) for p in files.values())}", flush=True)
     return ar_dir
 
 

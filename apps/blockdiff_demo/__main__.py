@@ -1,0 +1,3 @@
+from blockdiff_demo.job import main
+
+main()
