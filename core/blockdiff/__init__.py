@@ -1,2 +1,3 @@
-"""Stack-neutral block-diffusion core: masks, noise, losses, schedules, the tiny model family and the reference
-decoder. Pure PyTorch; no vLLM, SGLang or Megatron import anywhere in this package."""
+"""The stack-neutral block-diffusion library every plugin adapts: masks, noise, batches, losses, the training
+objectives, schedules, checkpoint merge, the reference models and the reference decoder, the serving contract. Pure
+PyTorch; no vLLM, SGLang, Megatron or NeMo import anywhere in this package, and nothing of the demo application."""
