@@ -185,11 +185,17 @@ def load_requests(vocab: int, n: int = 64, seed: int = 0) -> list[dict]:
     return requests
 
 
+def decode_params(request: dict, block_size: int) -> DecodeParams:
+    """A case request (prompt, threshold, max_tokens, optional temperature and seed) as the reference decoder's
+    parameters."""
+    return DecodeParams(request["max_tokens"], block_size, request["threshold"],
+                        temperature=request.get("temperature", 0.0), seed=request.get("seed") or 0)
+
+
 def reference_results(model: torch.nn.Module, eos: tuple[int, ...], batch: list[dict],
                       block_size: int = SUITE_BLOCK) -> list[dict]:
     """The core's reference decoder on a batch of requests: what every stack must return."""
-    params = [DecodeParams(r["max_tokens"], block_size, r["threshold"], temperature=r.get("temperature", 0.0),
-                           seed=r.get("seed") or 0) for r in batch]
+    params = [decode_params(r, block_size) for r in batch]
     results = ReferenceDecoder(model, MASK, eos).generate([r["prompt"] for r in batch], params)
     return [{"tokens": r.tokens, "finish_reason": r.finish_reason, "denoise_forwards": r.denoise_forwards}
             for r in results]

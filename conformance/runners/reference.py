@@ -12,8 +12,9 @@ import json
 import torch
 
 import blockdiff.decoding as decoding
-from blockdiff.decoding import DecodeParams, ReferenceDecoder
+from blockdiff.decoding import ReferenceDecoder
 from blockdiff.models import BlockDiffusionSettings, load_model, read_config
+from conformance.cases import decode_params
 
 
 def select_commits_ge(confidence: torch.Tensor, threshold: float, fallback_k: int) -> torch.Tensor:
@@ -40,7 +41,7 @@ def main() -> None:
         settings = BlockDiffusionSettings.from_config(read_config(path))
         decoder = ReferenceDecoder(model, settings.mask_token_id, settings.eos_token_ids)
         for case in (c for c in spec["cases"] if c["model"] == name):
-            params = [DecodeParams(r["max_tokens"], settings.block_size, r["threshold"]) for r in case["batch"]]
+            params = [decode_params(r, settings.block_size) for r in case["batch"]]
             results = decoder.generate([r["prompt"] for r in case["batch"]], params)
             records[case["id"]] = [{"tokens": r.tokens, "finish_reason": r.finish_reason,
                                     "denoise_forwards": r.denoise_forwards, "nfe": r.nfe} for r in results]
