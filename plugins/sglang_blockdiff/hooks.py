@@ -119,8 +119,9 @@ def admit_only_what_the_pool_can_finish(original, scheduler):
 
     try:
         held = sum(footprint(r) for r in scheduler.dllm_manager.waiting_queue)
+        room = scheduler.dllm_config.max_running_requests - len(scheduler.dllm_manager.waiting_queue)
         admissible = 0
-        for req in scheduler.waiting_queue:
+        for req in scheduler.waiting_queue[:max(room, 0)]:  # SGLang takes no more than that: look no further
             held += footprint(req)
             if held > scheduler.max_total_num_tokens and (admissible or scheduler.dllm_manager.waiting_queue):
                 break
