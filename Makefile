@@ -10,7 +10,7 @@ demo:  ## the main job: tiny AR base -> NeMo recipes on Megatron (wsd_cpt, sft +
 	rm -rf runs/demo runs/nemo
 	$(CORE) -m blockdiff_demo base
 	$(NEMO) dllm pipeline --factory tiny --direct --yes
-	$(CORE) -m blockdiff_demo decode runs/nemo/sft/hf runs/nemo/cap/hf runs/nemo/merged
+	$(CORE) -m blockdiff_demo decode runs/nemo/sft/hf runs/nemo/cap/hf runs/nemo/dpo/hf
 
 test:  ## lint, every test suite in its stack's venv, the cross-stack conformance matrix, and a break it must catch
 	$(PYTHON) tools/test.py

@@ -44,10 +44,10 @@ PROBE = [5, 17, 42, 99, 3, 8]
 WSD_SCRIPT = """
 import sys
 from nemo_dllm.stages import WSDConfig, wsd_cpt
-from nemo_dllm.trainer import TrainerConfig
+from nemo_dllm.training import TrainerConfig
 wsd_cpt(WSDConfig(init_from=sys.argv[1], out_dir=sys.argv[2], data=sys.argv[3], seq_len=64, batch_size=2,
                   warmup_tokens=3 * 128, stable_tokens=4 * 128, decay_tokens=3 * 128,
-                  trainer=TrainerConfig(save_every=100, lr=2e-3, warmup_steps=2)))
+                  trainer=TrainerConfig(val_every=100, lr=2e-3, warmup_steps=2)))
 """
 
 

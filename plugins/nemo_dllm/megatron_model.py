@@ -19,16 +19,13 @@ from torch import Tensor
 from blockdiff.models import DenseConfig
 
 
-def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1):
-    """An fp32 GPTModel with megatron-core's local (non-Transformer-Engine) layers and an arbitrary attention mask.
-    Parallel state must be initialised."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.enums import AttnMaskType
+def transformer_config(hf_config: dict[str, Any], tp_size: int = 1):
+    """megatron-core's TransformerConfig for an HF dense decoder: fp32, local (non-TE) layers, no fusions. The
+    parallel sizes are NeMo's strategy's to set (`set_model_parallel_attributes`)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     cfg = DenseConfig.from_hf(hf_config)
-    config = TransformerConfig(
+    return TransformerConfig(
         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_key_value_heads, kv_channels=cfg.head_dim, ffn_hidden_size=cfg.intermediate_size,
         normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps, qk_layernorm=cfg.qk_norm,
@@ -38,6 +35,17 @@ def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1):
         masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
     )
+
+
+def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1, config=None):
+    """An fp32 GPTModel with megatron-core's local (non-Transformer-Engine) layers and an arbitrary attention mask.
+    Parallel state must be initialised."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.enums import AttnMaskType
+
+    cfg = DenseConfig.from_hf(hf_config)
+    config = config or transformer_config(hf_config, tp_size)
     spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_norm, normalization="RMSNorm")
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
     return GPTModel(config, spec, vocab_size=cfg.vocab_size,

@@ -1,6 +1,7 @@
 """Process groups for the recipes: torch.distributed (gloo on CPU, nccl on GPU), Megatron's model-parallel state, and
 the paper's consistency rule: noise is drawn on one rank of each model-parallel group and broadcast to the others, so
-every tensor-parallel shard computes its part of the same sample."""
+every shard computes its part of the same sample. (`init` is for megatron-core without NeMo's trainer, as the
+objective tests use it; the recipes' process groups are NeMo's strategy's.)"""
 
 from __future__ import annotations
 
@@ -59,57 +60,17 @@ def tp_rank_and_size() -> tuple[int, int]:
 
 
 def broadcast_noise(batch: DiffusionBatch) -> DiffusionBatch:
-    """Replace this rank's noise (which tokens are masked, and their ratios) by the first tensor-parallel rank's."""
+    """Replace this rank's noise (which tokens are masked, and their ratios) by the first rank's of its model-parallel
+    group (tensor x pipeline), so every shard and every stage computes its part of the same sample."""
     from megatron.core import parallel_state
 
     batch = batch.to(device())
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+    group = parallel_state.get_model_parallel_group()
+    if dist.get_world_size(group) == 1:
         return batch
-    group = parallel_state.get_tensor_model_parallel_group()
-    src = parallel_state.get_tensor_model_parallel_src_rank()
+    src = dist.get_global_rank(group, 0)
     masked = batch.masked.to(torch.uint8).contiguous()
     t_tok = batch.t_tok.contiguous()
     dist.broadcast(masked, src, group=group)
     dist.broadcast(t_tok, src, group=group)
     return batch.with_noise(masked.bool(), t_tok)
-
-
-def reduce_replicated_grads(model) -> None:
-    """Sum, across the tensor-parallel group, the gradients of parameters that every rank holds whole but applies to
-    its own shard of heads (QK-norm weights): each rank only saw its heads' contribution. This is what Megatron's
-    finalize_model_grads does for them; its DDP wrapper does not run on CPU, so the recipes call this after backward."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return
-    group = parallel_state.get_tensor_model_parallel_group()
-    for name, param in model.named_parameters():
-        if param.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
-            dist.all_reduce(param.grad, group=group)
-
-
-def clip_grad_norm(model, max_norm: float) -> float:
-    """Clip by the global gradient norm of the whole (tensor-parallel) model: sharded parameters' squares summed over
-    the group, replicated ones counted once. A per-rank norm would scale replicated weights differently on each rank
-    and let them drift apart."""
-    from megatron.core import parallel_state
-
-    sharded, replicated = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    grads = []
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        grads.append(p.grad)
-        sq = p.grad.detach().double().pow(2).sum()
-        if getattr(p, "tensor_model_parallel", False):
-            sharded += sq
-        else:
-            replicated += sq
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(sharded, group=parallel_state.get_tensor_model_parallel_group())
-    total = float((sharded + replicated).sqrt())
-    scale = max_norm / (total + 1e-6)
-    if scale < 1.0:
-        for g in grads:
-            g.mul_(scale)
-    return total

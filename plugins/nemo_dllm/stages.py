@@ -1,7 +1,8 @@
 """The recipe stages of LLaDA2.0 on Megatron: `wsd_cpt` (AR -> block diffusion), `sft` (and CAP), `dpo`, `merge`.
 
-Each stage reads a Hugging Face directory, trains a megatron-core GPTModel (tensor parallel on gloo or nccl), writes
-resumable checkpoints, and ends with a Hugging Face directory `<out_dir>/hf` that the next stage and the serving
+Each stage reads a Hugging Face directory and trains it inside NeMo's trainer (`nemo_dllm.training.fit`: NeMo's
+Megatron strategy, distributed checkpoints kept by validation loss, resume) as a `module.BlockDiffusionModule` on a
+`datamodule.RecipeData`, and ends with a Hugging Face directory `<out_dir>/hf` that the next stage and the serving
 plugins load. Every configuration error is raised before the model is built.
 """
 
@@ -10,20 +11,18 @@ import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
-from blockdiff.batches import DiffusionBatch, make_diffusion_batch
 from blockdiff.merge import merge_checkpoints, select_top_k
 from blockdiff.models import BlockDiffusionSettings, read_config, save_weights, with_block_diffusion
 from blockdiff.noise import MaskBand
-from blockdiff.objectives import EmbeddingNoise, dpo_objective, heldout_accuracy, pretrain_loss, sft_objective
+from blockdiff.objectives import heldout_accuracy
 from blockdiff.schedules import WSDSchedule
 from blockdiff.text import EOS, MASK, load_tokenizer, special_id
-from nemo_dllm import data, megatron_model, parallel
-from nemo_dllm.data import Example
-from nemo_dllm.trainer import TrainerConfig, train
+from nemo_dllm import data, megatron_model
+from nemo_dllm.datamodule import Cycled, PretrainCollate, RecipeData, ResponseCollate, Shuffled
+from nemo_dllm.module import BlockDiffusionModule, DPOObjective, PretrainObjective, SFTObjective, megatron_optimizer
+from nemo_dllm.training import TrainerConfig, fit
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -68,9 +67,10 @@ class SFTConfig:
 
 @dataclass
 class DPOConfig:
-    init_from: str  # HF directory of the SFT model: the policy's start and the frozen reference
+    init_from: str  # HF directory of the SFT model: the policy's start
     out_dir: str
     data: str  # JSONL: {"prompt", "chosen", "rejected"} lines
+    reference_from: str | None = None  # the frozen reference; None: init_from (the post-SFT model, as the paper)
     seq_len: int = 256
     batch_size: int = 4
     beta: float = 0.1
@@ -81,7 +81,7 @@ class DPOConfig:
 
 @dataclass
 class MergeConfig:
-    run_dir: str  # a stage's out_dir: its checkpoints/step-*/hf are the candidates
+    run_dir: str  # a stage's out_dir: its kept checkpoints (the best by validation loss) are the candidates
     out_dir: str
     top_k: int = 2
     metric: str = "val_loss"
@@ -90,30 +90,20 @@ class MergeConfig:
 
 @dataclass
 class PipelineConfig:
-    """Every stage of the recipe; `sft` and `cap` both start from the converted model with equal budgets, so their
-    decoding speed compares CAP against SFT alone; `dpo` continues from `cap`; `merge` averages the DPO run's best."""
+    """Every stage of the recipe: `wsd`, then `merge` of its best checkpoints by validation loss (the paper's top-k
+    merge before post-training); `sft` and `cap` both start from the merged model with equal budgets, so their
+    decoding speed compares CAP against SFT alone; `dpo` continues from `cap`, against `cap`'s start as reference."""
 
     wsd: WSDConfig
+    merge: MergeConfig
     sft: SFTConfig
     cap: SFTConfig
     dpo: DPOConfig
-    merge: MergeConfig
 
 
 def _check_seq_len(seq_len: int, block: int) -> None:
     if seq_len % block:
         raise ValueError(f"seq_len {seq_len} is not divisible by the block size {block}")
-
-
-def _load(hf_dir: str, tp: int):
-    cfg = read_config(hf_dir)
-    weights: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(hf_dir).glob("*.safetensors")):
-        weights.update(load_file(f))
-    tp_rank, _ = parallel.tp_rank_and_size()
-    model = megatron_model.build_gpt_model(cfg, tp_size=tp)
-    megatron_model.load_hf_weights(model, weights, cfg, tp_rank, tp)
-    return model.to(parallel.device()), cfg
 
 
 def export_hf(model, cfg: dict, tokenizer_dir: str, out: Path, extra: dict | None = None) -> Path:
@@ -137,72 +127,60 @@ def export_hf(model, cfg: dict, tokenizer_dir: str, out: Path, extra: dict | Non
     return out
 
 
-def _checkpoint_export(model, cfg: dict, tokenizer_dir: str, validation_loss):
-    """Each checkpoint also gets an HF directory and its validation loss: what the top-k merge chooses and averages."""
+def _hf_exporter(hf_cfg: dict, tokenizer_dir: str):
+    """What each kept checkpoint also gets: an HF directory, the top-k merge's input."""
 
-    def on_save(folder: Path) -> dict:
-        export_hf(model, cfg, tokenizer_dir, folder / "hf")
-        model.eval()
-        with torch.no_grad():
-            return {"val_loss": validation_loss()}
+    def export(module: BlockDiffusionModule, out: Path) -> None:
+        export_hf(module.gpt_model(), hf_cfg, tokenizer_dir, out)
 
-    return on_save
+    return export
 
 
-def _finish(model, cfg: dict, tokenizer_dir: str, out_dir: Path, records: list[dict], summary: dict) -> Path:
-    hf = export_hf(model, cfg, tokenizer_dir, out_dir / "hf", {"final_lr": records[-1]["lr"], **summary})
+def _finish(module: BlockDiffusionModule, cfg: dict, tokenizer_dir: str, out_dir: Path, records: list[dict],
+            summary: dict) -> Path:
+    hf = export_hf(module.gpt_model(), cfg, tokenizer_dir, out_dir / "hf", {"final_lr": records[-1]["lr"], **summary})
     if dist.get_rank() == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return hf
 
 
+def _optimizer(trainer: TrainerConfig, lr: float | None = None):
+    return megatron_optimizer(lr or trainer.lr, trainer.weight_decay, trainer.grad_clip, trainer.warmup_steps,
+                              trainer.max_steps, trainer.min_lr_ratio)
+
+
 def wsd_cpt(cfg: WSDConfig) -> Path:
     """Warmup-Stable-Decay conversion of an AR checkpoint into a block-diffusion model."""
     schedule = cfg.schedule()  # raises on a sequence length the block sizes do not divide
+    micro = cfg.trainer.micro_batch(cfg.batch_size)
     band = MaskBand(*cfg.mask_band)
     tok = load_tokenizer(cfg.init_from)
     mask_id, eos = special_id(tok, MASK), special_id(tok, EOS)
     ids, doc_ids, val_ids, val_doc = data.pretraining_rows(cfg.data, tok, cfg.seq_len)
-    tp = cfg.trainer.tensor_parallel
-    parallel.init(tp, cfg.trainer.seed)
-    model, hf_cfg = _load(cfg.init_from, tp)
-    forward = megatron_model.DiffusionForward(model)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     trainer = replace(cfg.trainer, max_steps=schedule.total_steps(tokens_per_step))
-
-    def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
-        phase = schedule.phase_at(step, tokens_per_step)
-        rows = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=g)
-        batch = make_diffusion_batch(ids[rows], doc_ids[rows], phase.block_size, phase.objective, mask_id, band, g)
-        return pretrain_loss(forward, parallel.broadcast_noise(batch),
-                             EmbeddingNoise(cfg.embed_noise_std, step, cfg.embed_noise_steps, g))
+    seed = trainer.seed
+    train_collate = PretrainCollate(schedule, cfg.batch_size, tokens_per_step, mask_id, band, seed)
+    val_collate = replace(train_collate, fixed_block=cfg.final_block)
+    datamodule = RecipeData(Shuffled(list(zip(ids, doc_ids)), trainer.max_steps * cfg.batch_size, seed),
+                            Cycled(list(zip(val_ids, val_doc)), cfg.batch_size), train_collate, val_collate,
+                            cfg.seq_len, micro, cfg.batch_size)
 
     def phase_of(step: int) -> dict:
         phase = schedule.phase_at(step, tokens_per_step)
         return {"phase": phase.name, "block_size": phase.block_size}
 
+    hf_cfg = read_config(cfg.init_from)
     settings = BlockDiffusionSettings(mask_token_id=mask_id, eos_token_ids=(eos,), block_size=cfg.final_block,
                                       threshold=cfg.threshold)
     out_cfg = with_block_diffusion(hf_cfg, settings)
-
-    def validation_loss() -> float:
-        batch = make_diffusion_batch(val_ids[:16], val_doc[:16], cfg.final_block, "bdlm", mask_id, band,
-                                     torch.Generator().manual_seed(0))
-        return pretrain_loss(forward, batch.to(parallel.device())).item()
-
-    records = train(trainer, model, loss_at, Path(cfg.out_dir), "wsd_cpt", phase_of,
-                    _checkpoint_export(model, out_cfg, cfg.init_from, validation_loss))
-    accuracy = heldout_accuracy(forward, val_ids[:16], val_doc[:16], cfg.final_block, mask_id,
-                                device=parallel.device())
-    return _finish(model, out_cfg, cfg.init_from, Path(cfg.out_dir), records,
+    module = BlockDiffusionModule(cfg.init_from, PretrainObjective(cfg.embed_noise_std, cfg.embed_noise_steps),
+                                  _optimizer(trainer))
+    records = fit(trainer, module, datamodule, Path(cfg.out_dir), _hf_exporter(out_cfg, cfg.init_from), phase_of)
+    accuracy = heldout_accuracy(module.forward_fn(), val_ids[:16], val_doc[:16], cfg.final_block, mask_id)
+    return _finish(module, out_cfg, cfg.init_from, Path(cfg.out_dir), records,
                    {"stage": "wsd_cpt", "masked_token_accuracy": accuracy, "chance": 1 / tok.get_vocab_size(),
                     "config": asdict(cfg)})
-
-
-def _sft_like_setup(init_from: str, seq_len: int):
-    settings = BlockDiffusionSettings.from_config(read_config(init_from))
-    _check_seq_len(seq_len, settings.block_size)
-    return settings, load_tokenizer(init_from)
 
 
 def _split_held_out(items: list, source: str, seq_len: int, block: int) -> tuple[list, list]:
@@ -214,88 +192,67 @@ def _split_held_out(items: list, source: str, seq_len: int, block: int) -> tuple
     return items[-cut:], items[:-cut]
 
 
-def _noised_responses(pairs: list[tuple[list[int], list[int]]], seq_len: int, settings: BlockDiffusionSettings,
-                      band: MaskBand, g: torch.Generator) -> DiffusionBatch:
-    """A prompt-conditioned block-diffusion batch: only response tokens are masked; noise from TP rank 0."""
-    ids, response, doc_ids = data.response_batch(pairs, seq_len, settings.block_size, settings.eos_token_ids[0])
-    return parallel.broadcast_noise(make_diffusion_batch(ids, doc_ids, settings.block_size, "bdlm",
-                                                         settings.mask_token_id, band, g, maskable=response))
+def _response_data(items: list, source: str, seq_len: int, batch_size: int, trainer: TrainerConfig,
+                   settings: BlockDiffusionSettings, band: MaskBand) -> RecipeData:
+    held_out, train = _split_held_out(items, source, seq_len, settings.block_size)
+    collate = ResponseCollate(seq_len, settings.block_size, settings.eos_token_ids[0], settings.mask_token_id, band,
+                              trainer.seed)
+    return RecipeData(Shuffled(train, trainer.max_steps * batch_size, trainer.seed), Cycled(held_out, batch_size),
+                      collate, collate, seq_len, trainer.micro_batch(batch_size), batch_size)
+
+
+def _block_diffusion_settings(init_from: str, seq_len: int) -> BlockDiffusionSettings:
+    settings = BlockDiffusionSettings.from_config(read_config(init_from))
+    _check_seq_len(seq_len, settings.block_size)
+    return settings
 
 
 def sft(cfg: SFTConfig) -> Path:
     """Prompt-conditioned block-diffusion SFT (Eq. 5) with a mask-ratio band and complementary masking; CAP (Eq. 6)
     when `confidence_weight` > 0."""
-    settings, tok = _sft_like_setup(cfg.init_from, cfg.seq_len)
-    band = MaskBand(*cfg.mask_band)
     if cfg.confidence_weight < 0:
         raise ValueError(f"confidence_weight must be >= 0, got {cfg.confidence_weight}")
-    held_out, examples = _split_held_out(data.sft_examples(cfg.data, tok), cfg.data, cfg.seq_len,
-                                         settings.block_size)
-    tp = cfg.trainer.tensor_parallel
-    parallel.init(tp, cfg.trainer.seed)
-    model, hf_cfg = _load(cfg.init_from, tp)
-    forward = megatron_model.DiffusionForward(model)
-
-    def noised(chosen: list[Example], g: torch.Generator) -> DiffusionBatch:
-        return _noised_responses([(e.prompt, e.response) for e in chosen], cfg.seq_len, settings, band, g)
-
-    def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
-        batch = noised([examples[i] for i in torch.randint(0, len(examples), (cfg.batch_size,), generator=g)], g)
-        loss = sft_objective(forward, batch, cfg.confidence_weight)
-        if cfg.complementary:
-            loss = 0.5 * (loss + sft_objective(forward, batch.complement(), cfg.confidence_weight))
-        return loss
-
-    def validation_loss() -> float:
-        batch = noised(held_out[: cfg.batch_size], torch.Generator().manual_seed(0))
-        return sft_objective(forward, batch).item()
-
+    settings = _block_diffusion_settings(cfg.init_from, cfg.seq_len)
+    cfg.trainer.micro_batch(cfg.batch_size)
+    tok = load_tokenizer(cfg.init_from)
+    datamodule = _response_data(data.sft_examples(cfg.data, tok), cfg.data, cfg.seq_len, cfg.batch_size, cfg.trainer,
+                                settings, MaskBand(*cfg.mask_band))
+    hf_cfg = read_config(cfg.init_from)
+    module = BlockDiffusionModule(cfg.init_from, SFTObjective(cfg.confidence_weight, cfg.complementary),
+                                  _optimizer(cfg.trainer))
+    records = fit(cfg.trainer, module, datamodule, Path(cfg.out_dir), _hf_exporter(hf_cfg, cfg.init_from))
     stage = "cap" if cfg.confidence_weight > 0 else "sft"
-    records = train(cfg.trainer, model, loss_at, Path(cfg.out_dir), stage,
-                    on_save=_checkpoint_export(model, hf_cfg, cfg.init_from, validation_loss))
-    return _finish(model, hf_cfg, cfg.init_from, Path(cfg.out_dir), records, {"stage": stage, "config": asdict(cfg)})
+    return _finish(module, hf_cfg, cfg.init_from, Path(cfg.out_dir), records, {"stage": stage, "config": asdict(cfg)})
 
 
 def dpo(cfg: DPOConfig) -> Path:
-    """DPO on the ELBO (Eq. 7-8) against a frozen copy of the starting model."""
-    settings, tok = _sft_like_setup(cfg.init_from, cfg.seq_len)
-    band = MaskBand(*cfg.mask_band)
+    """DPO on the ELBO (Eq. 7-8) against a frozen reference (by default the starting, post-SFT model)."""
+    settings = _block_diffusion_settings(cfg.init_from, cfg.seq_len)
+    cfg.trainer.micro_batch(cfg.batch_size)
     lr = cfg.lr
     if lr is None:
         state = Path(cfg.init_from) / "training_state.json"
         if not state.exists():
             raise ValueError(f"dpo.lr is not set and {state} (the SFT run's final learning rate) does not exist")
         lr = json.loads(state.read_text())["final_lr"]
-    trainer = replace(cfg.trainer, lr=lr)
-    held_out, prefs = _split_held_out(data.preference_examples(cfg.data, tok), cfg.data, cfg.seq_len,
-                                      settings.block_size)
-    tp = cfg.trainer.tensor_parallel
-    parallel.init(tp, cfg.trainer.seed)
-    policy, hf_cfg = _load(cfg.init_from, tp)
-    reference, _ = _load(cfg.init_from, tp)
-    reference.eval().requires_grad_(False)
-
-    def pair_loss(picks: list[data.Preference], g: torch.Generator) -> torch.Tensor:
-        chosen = _noised_responses([(p.prompt, p.chosen) for p in picks], cfg.seq_len, settings, band, g)
-        rejected = _noised_responses([(p.prompt, p.rejected) for p in picks], cfg.seq_len, settings, band, g)
-        return dpo_objective(megatron_model.DiffusionForward(policy), megatron_model.DiffusionForward(reference),
-                             chosen, rejected, cfg.beta)
-
-    def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
-        return pair_loss([prefs[i] for i in torch.randint(0, len(prefs), (cfg.batch_size,), generator=g)], g)
-
-    def validation_loss() -> float:
-        return pair_loss(held_out[: cfg.batch_size], torch.Generator().manual_seed(0)).item()
-
-    records = train(trainer, policy, loss_at, Path(cfg.out_dir), "dpo",
-                    on_save=_checkpoint_export(policy, hf_cfg, cfg.init_from, validation_loss))
-    return _finish(policy, hf_cfg, cfg.init_from, Path(cfg.out_dir), records, {"stage": "dpo", "config": asdict(cfg)})
+    tok = load_tokenizer(cfg.init_from)
+    datamodule = _response_data(data.preference_examples(cfg.data, tok), cfg.data, cfg.seq_len, cfg.batch_size,
+                                cfg.trainer, settings, MaskBand(*cfg.mask_band))
+    hf_cfg = read_config(cfg.init_from)
+    module = BlockDiffusionModule(cfg.init_from, DPOObjective(cfg.beta), _optimizer(cfg.trainer, lr),
+                                  reference_from=cfg.reference_from or cfg.init_from)
+    records = fit(replace(cfg.trainer, lr=lr), module, datamodule, Path(cfg.out_dir),
+                  _hf_exporter(hf_cfg, cfg.init_from))
+    return _finish(module, hf_cfg, cfg.init_from, Path(cfg.out_dir), records, {"stage": "dpo", "config": asdict(cfg)})
 
 
 def merge(cfg: MergeConfig) -> Path:
-    """Average the top-k checkpoints of a run by a metric recorded in each checkpoint's meta.json."""
+    """Average the top-k of a run's kept checkpoints by a metric recorded in each one's meta.json (NeMo's "-last"
+    copy of the newest checkpoint is not a candidate of its own)."""
     candidates = {}
-    for meta_path in sorted(Path(cfg.run_dir).glob("checkpoints/step-*/meta.json")):
+    for meta_path in sorted(Path(cfg.run_dir).glob("checkpoints/*/meta.json")):
+        if meta_path.parent.name.endswith("-last"):
+            continue
         meta = json.loads(meta_path.read_text())
         if cfg.metric not in meta:
             raise ValueError(f"{meta_path} has no metric {cfg.metric!r} (has: {', '.join(sorted(meta))})")
@@ -312,7 +269,9 @@ def pipeline(cfg: PipelineConfig) -> Path:
     if cfg.cap.confidence_weight <= 0:
         raise ValueError(f"pipeline.cap.confidence_weight must be > 0, got {cfg.cap.confidence_weight}")
     wsd_cpt(cfg.wsd)
+    if dist.get_rank() == 0:
+        merge(cfg.merge)
+    dist.barrier()
     sft(cfg.sft)
     sft(cfg.cap)
-    dpo(cfg.dpo)
-    return merge(cfg.merge) if dist.get_rank() == 0 else Path(cfg.merge.out_dir)
+    return dpo(cfg.dpo)

@@ -1,5 +1,5 @@
-"""The CPU patches of megatron-core (`nemo_dllm.cpu_compat`): each is needed on this machine, each works, and with
-a GPU present `apply()` leaves megatron-core untouched. Every check runs in a fresh interpreter, since the patches
+"""The CPU patches of megatron-core and NeMo (`nemo_dllm.cpu_compat`): each is needed on this machine, each works,
+and with a GPU present `apply()` leaves both untouched. Every check runs in a fresh interpreter, since the patches
 are process-wide."""
 
 import subprocess
@@ -45,15 +45,71 @@ def test_the_patches_put_megatrons_buffer_and_rng_tracker_on_the_cpu():
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+def test_cuda_placements_are_needed_and_land_on_the_cpu():
+    """Megatron's DDP allocates its gradient buffers with `device=torch.cuda.current_device()`; NeMo's strategy logs
+    through `torch.tensor(x, pin_memory=True).to("cuda")`; Megatron's optimizer checks `param.type()`."""
+    without = run("""
+        import torch
+        torch.zeros(3, device=torch.cuda.current_device())
+    """)
+    assert without.returncode != 0 and "cuda" in without.stderr.lower(), without.stderr[-2000:]
+    out = run("""
+        import torch
+        from nemo_dllm import cpu_compat
+        cpu_compat.apply()
+        assert torch.zeros(3, device=torch.cuda.current_device()).device.type == "cpu"
+        logged = torch.tensor(2.5, pin_memory=True).to("cuda", non_blocking=True)
+        assert logged.device.type == "cpu" and logged.item() == 2.5
+        assert torch.ones(2).cuda().device.type == "cpu"
+        assert torch.ones(2).type() == "torch.cuda.FloatTensor" and torch.ones(2).long().type() == "torch.LongTensor"
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            stream.wait_stream(torch.cuda.current_stream())
+        torch.cuda.synchronize()
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_nemo_seeds_the_cpu_tracker_and_calls_megatrons_optimizer_with_what_it_takes():
+    """NeMo 2.7.3 seeds Megatron's RNG tracker only when a CUDA device exists, and passes three keywords
+    megatron-core 0.16.1's `get_megatron_optimizer` no longer takes."""
+    out = run("""
+        import inspect, torch
+        from megatron.core import optimizer
+        assert "lr_mult" not in inspect.signature(optimizer.get_megatron_optimizer).parameters
+        from nemo_dllm import cpu_compat, parallel
+        parallel.init(tp_size=1, seed=0)
+        from megatron.core.tensor_parallel import random
+        random.get_cuda_rng_tracker().reset()
+        from nemo.lightning import megatron_init
+        megatron_init._set_random_seed(1234)
+        tracker = random.get_cuda_rng_tracker()
+        assert tracker.is_initialized() and "model-parallel-rng" in tracker.get_states()
+        model = torch.nn.Linear(2, 2)
+        model.ddp_config = None
+        try:
+            optimizer.get_megatron_optimizer(optimizer.OptimizerConfig(lr=1.0), [model], lr_mult=2.0)
+        except ValueError as e:
+            assert "lr_mult=2.0" in str(e), e
+        else:
+            raise AssertionError("a set lr_mult was dropped silently")
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def test_with_a_gpu_apply_changes_nothing():
     out = run("""
         import torch
-        torch.cuda.is_available = lambda: True
-        from megatron.core import utils
+        from megatron.core import optimizer, utils
         from megatron.core.tensor_parallel import random
-        before = (random.CudaRNGStatesTracker, utils.GlobalMemoryBuffer.get_tensor)
+        from nemo.lightning import megatron_init
+        torch.cuda.is_available = lambda: True
+        watched = lambda: (random.CudaRNGStatesTracker, utils.GlobalMemoryBuffer.get_tensor, torch.cuda.current_device,
+                           torch.cuda.Stream, optimizer.get_megatron_optimizer, megatron_init._set_random_seed,
+                           torch.overrides._get_current_function_mode_stack())
+        before = watched()
         from nemo_dllm import cpu_compat
         assert cpu_compat.apply() is False
-        assert (random.CudaRNGStatesTracker, utils.GlobalMemoryBuffer.get_tensor) == before
+        assert watched() == before
     """)
     assert out.returncode == 0, out.stderr[-3000:]

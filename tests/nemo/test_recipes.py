@@ -1,8 +1,9 @@
-"""The recipe stages on Megatron: WSD across a SIGKILL and resume, configuration and data errors before training,
-and the NeMo-Run command line."""
+"""The recipe stages in NeMo's trainer: WSD across SIGKILLs and resume from NeMo's distributed checkpoints, checkpoints
+kept and merged by validation loss, configuration and data errors before training, and the NeMo-Run command line."""
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,13 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from blockdiff.models import build_model, init_weights, save_model, tiny_dense_config
 from blockdiff.text import save_tokenizer, train_tokenizer
 from blockdiff_demo.corpus import stdlib_documents
 from nemo_dllm.data import DataError, read_jsonl, sft_examples
-from nemo_dllm.stages import SFTConfig, WSDConfig, sft, wsd_cpt
-from nemo_dllm.trainer import read_metrics
+from nemo_dllm.stages import MergeConfig, SFTConfig, WSDConfig, merge, sft, wsd_cpt
+from nemo_dllm.training import TrainerConfig, read_metrics
 
 NEMO = Path(sys.executable).parent / "nemo"
 
@@ -44,10 +46,10 @@ def _corpus(tmp_path: Path) -> Path:
 WSD_SCRIPT = textwrap.dedent("""
     import sys
     from nemo_dllm.stages import WSDConfig, wsd_cpt
-    from nemo_dllm.trainer import TrainerConfig, read_metrics
+    from nemo_dllm.training import TrainerConfig
     wsd_cpt(WSDConfig(init_from=sys.argv[1], out_dir=sys.argv[2], data=sys.argv[3], seq_len=64, batch_size=2,
                       warmup_tokens=3 * 128, stable_tokens=6 * 128, decay_tokens=3 * 128,
-                      trainer=TrainerConfig(save_every=3, lr=2e-3, warmup_steps=2)))
+                      trainer=TrainerConfig(val_every=3, save_top_k=3, lr=2e-3, warmup_steps=2)))
 """)
 
 
@@ -85,13 +87,18 @@ def test_wsd_block_sizes_and_losses_survive_sigkills_at_random_points(ar_base, t
         proc.wait()
         kills.append(len(_metrics(killed)))
     assert min(kills) < 21, kills  # really interrupted
-    torso = killed / "checkpoints" / "step-0000099.partial"  # a checkpoint killed mid-write, newer than any
-    torso.mkdir(parents=True, exist_ok=True)
-    (torso / "rank-0.pt").write_bytes(b"half a tensor")
-    with (killed / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 98, "lo')
+    # a checkpoint killed mid-write, newer than any: NeMo marks it unfinished until every rank has written
+    torso = killed / "checkpoints" / "val_loss=0.0001-step=99-consumed_samples=200.0-last"
+    (torso / "weights").mkdir(parents=True, exist_ok=True)
+    (torso / "weights" / "__0_0.distcp").write_bytes(b"half a tensor")
+    torso.with_name(torso.name + "-unfinished").touch()
+    before = _metrics(killed)
+    (killed / "metrics.jsonl").write_text("".join(json.dumps({**r, "tagged": True}) + "\n" for r in before)
+                                          + '{"step": 98, "lo')  # and a line cut short by a kill mid-append
     _wsd(ar_base, killed, corpus)  # same command: resumes from its last complete checkpoint
     straight, resumed = _metrics(tmp_path / "straight"), _metrics(killed)
+    kept = sum(r.get("tagged", False) for r in resumed)  # the records of the steps before the resumed checkpoint
+    assert kept >= 3 and [r.get("tagged", False) for r in resumed] == [True] * kept + [False] * (21 - kept)
     schedule = WSDConfig(init_from="", out_dir="", data="", seq_len=64, warmup_tokens=384, stable_tokens=768,
                          decay_tokens=384).schedule()
     assert [r["step"] for r in resumed] == list(range(21))
@@ -101,6 +108,59 @@ def test_wsd_block_sizes_and_losses_survive_sigkills_at_random_points(ar_base, t
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["stage"] == "wsd_cpt" and (killed / "hf" / "model.safetensors").exists()
     print(f"\nWSD killed after {kills} recorded steps, resumed to 21: losses equal the uninterrupted run's")
+    # the checkpoints kept are the best 3 by validation loss (plus NeMo's copy of the last), whatever their age
+    validated = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path / "straight" / "validation.jsonl")}
+    assert sorted(validated) == [2, 5, 8, 11, 14, 17, 20]
+    checkpoints = [json.loads(p.read_text()) for p in (tmp_path / "straight" / "checkpoints").glob("*/meta.json")
+                   if not p.parent.name.endswith("-last")]
+    assert sorted(m["val_loss"] for m in checkpoints) == pytest.approx(sorted(validated.values())[:3])
+
+
+def _hf_copy(src: Path, dst: Path, scale: float) -> Path:
+    """A copy of an HF directory with every weight multiplied by `scale` (so an average says which were merged)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(dst / "model.safetensors")
+    save_file({k: v * scale for k, v in weights.items()}, dst / "model.safetensors")
+    return dst
+
+
+def test_merge_averages_the_best_checkpoints_by_validation_loss_not_the_newest(ar_base, tmp_path):
+    """Checkpoints at steps 10, 20, 30 with validation losses 1.0, 3.0, 2.0 (and NeMo's copy of the last): the top-2
+    merge averages steps 10 and 30, the newest being the worse of the two."""
+    from safetensors.torch import load_file
+
+    root = tmp_path / "run" / "checkpoints"
+    for step, val_loss, scale, suffix in ((10, 1.0, 1.0, ""), (20, 3.0, 100.0, ""), (30, 2.0, 3.0, ""),
+                                          (30, 2.0, 3.0, "-last")):
+        folder = root / f"val_loss={val_loss:.4f}-step={step}-consumed_samples={step * 4}.0{suffix}"
+        _hf_copy(ar_base, folder / "hf", scale)
+        (folder / "meta.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
+    out = merge(MergeConfig(run_dir=str(tmp_path / "run"), out_dir=str(tmp_path / "merged"), top_k=2))
+    base = load_file(ar_base / "model.safetensors")
+    merged = load_file(out / "model.safetensors")
+    for name, weight in base.items():
+        assert torch.allclose(merged[name], weight * 2.0, atol=1e-6), name  # (1 + 3) / 2, not (3 + 100) / 2
+    assert [Path(p).parent.name.split("-step=")[1].split("-")[0] for p in
+            json.loads((out / "merge.json").read_text())["merged"]] == ["10", "30"]
+
+
+@pytest.mark.parametrize("world, trainer, batch_size, message", [
+    (3, dict(tensor_parallel=2), 8, "tensor_parallel x pipeline_parallel x context_parallel = 2 x 1 x 1 does not "
+                                    "divide the 3 processes"),
+    (8, dict(tensor_parallel=2, pipeline_parallel=2, context_parallel=4), 8, "2 x 2 x 4 does not divide the 8"),
+    (4, dict(tensor_parallel=2), 7, "batch_size 7 is not divisible by the 2 data-parallel ranks"),
+    (2, dict(micro_batch_size=3), 8, "trainer.micro_batch_size 3 does not divide the per-rank batch 4"),
+])
+def test_a_layout_that_does_not_fit_the_processes_or_the_batch_is_named(monkeypatch, ar_base, tmp_path, world,
+                                                                         trainer, batch_size, message):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = WSDConfig(init_from=str(ar_base), out_dir=str(tmp_path / "out"), data="unread.jsonl", seq_len=64,
+                    batch_size=batch_size, trainer=TrainerConfig(**trainer))
+    with pytest.raises(ValueError, match=message):
+        wsd_cpt(cfg)
+    assert not (tmp_path / "out").exists()
 
 
 def test_sequence_length_not_divisible_fails_before_training(ar_base, tmp_path):
