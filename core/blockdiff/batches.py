@@ -62,6 +62,20 @@ class DiffusionBatch:
         return self.with_noise(complementary_mask(self.masked, self.maskable), (1.0 - self.t_tok).clamp(min=1e-3))
 
 
+def cat_batches(batches: list[DiffusionBatch]) -> DiffusionBatch:
+    """Several batches as one (rows stacked), for one forward over a complementary pair or a chosen/rejected pair.
+    They must share the block size, objective, mask token and width."""
+    first = batches[0]
+    for b in batches[1:]:
+        if (b.block_size, b.objective, b.mask_token_id) != (first.block_size, first.objective, first.mask_token_id):
+            raise ValueError(f"cannot stack batches of block size / objective / mask id {b.block_size}/{b.objective}/"
+                             f"{b.mask_token_id} and {first.block_size}/{first.objective}/{first.mask_token_id}")
+        if b.input_ids.shape[1] != first.input_ids.shape[1]:
+            raise ValueError(f"cannot stack batches of widths {b.input_ids.shape[1]} and {first.input_ids.shape[1]}")
+    return replace(first, **{f: torch.cat([getattr(b, f) for b in batches]) for f in
+                             ("input_ids", "positions", "doc_ids", "targets", "masked", "maskable", "t_tok")})
+
+
 def make_diffusion_batch(input_ids: Tensor, doc_ids: Tensor, block_size: int, objective: str, mask_token_id: int,
                          band: MaskBand, generator: torch.Generator | None = None, maskable: Tensor | None = None,
                          per_block_t: bool = False) -> DiffusionBatch:

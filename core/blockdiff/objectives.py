@@ -49,25 +49,51 @@ class EmbeddingNoise:
     generator: torch.Generator | None = None
 
 
-def noisy_logits(model: DiffusionForward, batch: DiffusionBatch, noise: EmbeddingNoise = EmbeddingNoise()) -> Tensor:
-    """Logits of the noisy half [b, L, V]: the loss is only ever taken there."""
+def diffusion_logits(model: DiffusionForward, batch: DiffusionBatch, noise: EmbeddingNoise = EmbeddingNoise()
+                     ) -> Tensor:
+    """Logits of the whole input [b, S, V] (both halves for BDLM), with the embedding noise on masked tokens. The
+    scores below take these and read the noisy half only, so a pipeline-parallel stack can hand its last stage's
+    output straight to them."""
     embeddings = add_embedding_noise(model.embed(batch.input_ids), batch.masked_inputs, noise.std, noise.step,
                                      noise.until_step, noise.generator)
-    return model(embeddings, batch.positions, batch.attention_mask())[:, : batch.noisy_len]
+    return model(embeddings, batch.positions, batch.attention_mask())
+
+
+def noisy_logits(model: DiffusionForward, batch: DiffusionBatch, noise: EmbeddingNoise = EmbeddingNoise()) -> Tensor:
+    """Logits of the noisy half [b, L, V]: the loss is only ever taken there."""
+    return diffusion_logits(model, batch, noise)[:, : batch.noisy_len]
+
+
+def pretrain_score(logits: Tensor, batch: DiffusionBatch) -> Tensor:
+    """BDLM (Eq. 1) or MDLM (Eq. 2), whichever is the batch's objective, from `diffusion_logits`, normalised by the
+    batch's maskable tokens."""
+    return diffusion_loss(logits[:, : batch.noisy_len], batch.targets, batch.masked, batch.t_tok,
+                          batch.maskable.sum())
 
 
 def pretrain_loss(model: DiffusionForward, batch: DiffusionBatch, noise: EmbeddingNoise = EmbeddingNoise()) -> Tensor:
-    """BDLM (Eq. 1) or MDLM (Eq. 2), whichever is the batch's objective, normalised by its maskable tokens."""
-    logits = noisy_logits(model, batch, noise)
-    return diffusion_loss(logits, batch.targets, batch.masked, batch.t_tok, batch.maskable.sum())
+    return pretrain_score(diffusion_logits(model, batch, noise), batch)
 
 
-def sft_objective(model: DiffusionForward, batch: DiffusionBatch, confidence_weight: float = 0.0) -> Tensor:
-    """SFT (Eq. 5), or CAP (Eq. 6) when confidence_weight > 0. The batch's `maskable` marks the response."""
-    logits = noisy_logits(model, batch)
+def sft_score(logits: Tensor, batch: DiffusionBatch, confidence_weight: float = 0.0) -> Tensor:
+    """SFT (Eq. 5), or CAP (Eq. 6) when confidence_weight > 0, from `diffusion_logits`. The batch's `maskable` marks
+    the response."""
+    logits = logits[:, : batch.noisy_len]
     if confidence_weight > 0:
         return cap_loss(logits, batch.targets, batch.masked, batch.t_tok, batch.maskable, confidence_weight)
     return sft_loss(logits, batch.targets, batch.masked, batch.t_tok, batch.maskable)
+
+
+def sft_objective(model: DiffusionForward, batch: DiffusionBatch, confidence_weight: float = 0.0) -> Tensor:
+    return sft_score(diffusion_logits(model, batch), batch, confidence_weight)
+
+
+def complementary_sft_score(logits: Tensor, batch: DiffusionBatch, confidence_weight: float = 0.0) -> Tensor:
+    """LLaDA2.0's complementary masking: the mean SFT score of `batch` and its complement, from the logits of
+    `cat_batches([batch, batch.complement()])` (one forward for the pair)."""
+    rows = batch.input_ids.shape[0]
+    return 0.5 * (sft_score(logits[:rows], batch, confidence_weight)
+                  + sft_score(logits[rows:], batch.complement(), confidence_weight))
 
 
 def sequence_nll(model: DiffusionForward, batch: DiffusionBatch) -> Tensor:

@@ -139,8 +139,10 @@ class RecipeData(L.LightningDataModule):
         return {"consumed_samples": self.trainer.global_step * self.global_batch_size}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """On resume, NeMo's sampler starts after the samples the checkpoint had consumed."""
+        """On resume, NeMo's sampler starts after the samples the checkpoint had consumed (and counts the samples it
+        logs from that step on)."""
         self.data_sampler.init_consumed_samples = state_dict["consumed_samples"]
+        self.data_sampler.init_global_step = state_dict["consumed_samples"] // self.global_batch_size
 
     def train_dataloader(self) -> DataLoader:
         return WrappedDataLoader(mode="train", dataset=self.train, collate_fn=self.collate, num_workers=0)

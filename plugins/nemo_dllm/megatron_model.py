@@ -34,11 +34,18 @@ def transformer_config(hf_config: dict[str, Any], tp_size: int = 1):
         use_cpu_initialization=True, params_dtype=torch.float32, bias_activation_fusion=False,
         masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
+        # pipeline parallel: [x_noisy, x_clean] (2L), MDLM (L) and SFT rows (their batch's widest) differ in length, so
+        # stages send shapes first; on gloo, sends and receives go one by one (batched ones are matched out of order)
+        variable_seq_lengths=True, pipeline_dtype=torch.float32, batch_p2p_comm=torch.cuda.is_available(),
+        batch_p2p_sync=torch.cuda.is_available(),
+        moe_token_dispatcher_type="alltoall",  # no MoE here; megatron-core refuses the default with variable lengths
     )
 
 
-def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1, config=None):
-    """An fp32 GPTModel with megatron-core's local (non-Transformer-Engine) layers and an arbitrary attention mask.
+def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1, config=None, pre_process: bool = True,
+                    post_process: bool = True):
+    """An fp32 GPTModel with megatron-core's local (non-Transformer-Engine) layers and an arbitrary attention mask;
+    with pipeline parallelism, this rank's stage (`pre_process`: it embeds, `post_process`: it has the output layer).
     Parallel state must be initialised."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -51,7 +58,8 @@ def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1, config=None):
     return GPTModel(config, spec, vocab_size=cfg.vocab_size,
                     max_sequence_length=hf_config.get("max_position_embeddings", 4096),
                     parallel_output=True, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-                    position_embedding_type="rope", rotary_base=int(cfg.rope_theta))
+                    position_embedding_type="rope", rotary_base=int(cfg.rope_theta), pre_process=pre_process,
+                    post_process=post_process)
 
 
 def _rope(model, position_ids: Tensor) -> Tensor:
@@ -69,11 +77,15 @@ def embed(model, input_ids: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class DiffusionForward:
     """A GPTModel as the core's objectives take a model (`blockdiff.objectives.DiffusionForward`): batch-first in and
-    out, so the core decides where embedding noise goes and which half is scored."""
+    out, so the core decides where embedding noise goes and which half is scored. On a pipeline stage, the input of a
+    stage after the first arrives from the previous stage (its `embed` is a placeholder the decoder ignores), and a
+    stage before the last returns its activations [b, s, hidden] instead of logits."""
 
     model: Any
 
     def embed(self, input_ids: Tensor) -> Tensor:
+        if not self.model.pre_process:
+            return torch.zeros(*input_ids.shape, 1, device=input_ids.device)
         return embed(self.model, input_ids).transpose(0, 1)
 
     def __call__(self, embeddings: Tensor, positions: Tensor, allowed: Tensor) -> Tensor:
@@ -100,13 +112,17 @@ class _GatherVocab(torch.autograd.Function):
 
 def forward(model, input_ids: Tensor | None, position_ids: Tensor, allowed: Tensor,
             embeddings: Tensor | None = None) -> Tensor:
-    """Logits [b, s, vocab], full vocabulary on every tensor-parallel rank. `allowed` is the core's boolean mask
-    [b, s, s] with True = may attend; Megatron's convention is the opposite."""
+    """Logits [b, s, vocab], full vocabulary on every tensor-parallel rank (on a pipeline stage before the last: its
+    activations [b, s, hidden]). `allowed` is the core's boolean mask [b, s, s] with True = may attend; Megatron's
+    convention is the opposite."""
     from megatron.core import parallel_state
 
     hidden = embed(model, input_ids) if embeddings is None else embeddings
-    hidden = model.decoder(hidden_states=hidden, attention_mask=~allowed[:, None],
+    # a stage after the first reads its input from the previous stage (set by the schedule), whatever is passed
+    hidden = model.decoder(hidden_states=hidden if model.pre_process else None, attention_mask=~allowed[:, None],
                            rotary_pos_emb=_rope(model, position_ids))
+    if not model.post_process:
+        return hidden.transpose(0, 1)
     logits, _ = model.output_layer(hidden, weight=model.shared_embedding_or_output_weight()
                                    if model.share_embeddings_and_output_weights else None)
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
@@ -193,9 +209,49 @@ def megatron_to_hf(shards: list[dict[str, Tensor]], hf_config: dict[str, Any]) -
     return {k: v.contiguous() for k, v in hf.items()}
 
 
+def _stage_layers(model) -> tuple[int, int]:
+    """(index of this stage's first layer in the whole model, number of its layers)."""
+    return model.decoder.layers[0].layer_number - 1, len(model.decoder.layers)
+
+
+def stage_state(whole: dict[str, Tensor], model) -> dict[str, Tensor]:
+    """This pipeline stage's part of a whole-model state dict (one tensor-parallel rank's): its layers renumbered
+    from 0, the embedding on the first stage, the final norm and output layer on the last. With tied embeddings the
+    last stage holds its own copy of the embedding as the output layer (Megatron keeps the two in step)."""
+    first, count = _stage_layers(model)
+    out = {}
+    for name, tensor in whole.items():
+        if name.startswith("decoder.layers."):
+            index = int(name.split(".")[2])
+            if first <= index < first + count:
+                out[name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index - first}.", 1)] = tensor
+        elif name.startswith("embedding.") and model.pre_process or not name.startswith("embedding.") and \
+                model.post_process:
+            out[name] = tensor
+    if model.share_embeddings_and_output_weights and model.post_process and not model.pre_process:
+        out["output_layer.weight"] = whole["embedding.word_embeddings.weight"]
+    return out
+
+
+def whole_model_names(state: dict[str, Tensor], model) -> dict[str, Tensor]:
+    """The inverse of `stage_state`: a stage's tensors under their whole-model names (the last stage's copy of a tied
+    embedding left out)."""
+    first, _ = _stage_layers(model)
+    out = {}
+    for name, tensor in state.items():
+        if name.startswith("decoder.layers."):
+            index = int(name.split(".")[2])
+            name = name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index + first}.", 1)
+        elif name == "output_layer.weight" and model.share_embeddings_and_output_weights:
+            continue
+        out[name] = tensor
+    return out
+
+
 def load_hf_weights(model, hf: dict[str, Tensor], hf_config: dict[str, Any], tp_rank: int, tp_size: int) -> None:
-    """Load HF weights into this rank's GPTModel, strictly (Megatron's extra `_extra_state` entries aside)."""
-    state = hf_to_megatron(hf, hf_config, tp_rank, tp_size)
+    """Load HF weights into this rank's GPTModel (its tensor-parallel shard of its pipeline stage), strictly
+    (Megatron's extra `_extra_state` entries aside)."""
+    state = stage_state(hf_to_megatron(hf, hf_config, tp_rank, tp_size), model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("_extra_state")]
     if missing or unexpected:
@@ -204,4 +260,6 @@ def load_hf_weights(model, hf: dict[str, Tensor], hf_config: dict[str, Any], tp_
 
 
 def megatron_state(model) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    """This rank's tensors under their whole-model names."""
+    return whole_model_names({k: v.detach().clone() for k, v in model.state_dict().items()
+                              if not k.endswith("_extra_state")}, model)

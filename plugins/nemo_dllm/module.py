@@ -22,11 +22,24 @@ from nemo.lightning.pytorch.optim import LRSchedulerModule, MegatronOptimizerMod
 from safetensors.torch import load_file
 from torch.optim.lr_scheduler import LambdaLR
 
-from blockdiff.batches import DiffusionBatch
+from blockdiff.batches import DiffusionBatch, cat_batches
 from blockdiff.models import read_config
-from blockdiff.objectives import EmbeddingNoise, dpo_objective, pretrain_loss, sft_objective
+from blockdiff.objectives import (
+    EmbeddingNoise,
+    complementary_sft_score,
+    diffusion_logits,
+    dpo_objective,
+    pretrain_score,
+    sft_score,
+)
 from blockdiff.schedules import warmup_cosine
 from nemo_dllm import megatron_model, parallel
+
+
+def stage_output(module: "BlockDiffusionModule", output: torch.Tensor) -> torch.Tensor | None:
+    """On a pipeline stage before the last, what the forward step returns: the stage's activations in Megatron's
+    sequence-first layout, for the schedule to send on. None on the last stage, which scores the logits."""
+    return None if module.gpt_model().post_process else output.transpose(0, 1)
 
 
 @dataclass(frozen=True)
@@ -39,27 +52,34 @@ class PretrainObjective:
     def __call__(self, module: "BlockDiffusionModule", batch: dict) -> torch.Tensor:
         noise = EmbeddingNoise(self.embed_noise_std, module.global_step, self.embed_noise_steps,
                                torch.Generator().manual_seed(batch["seed"]))
-        return pretrain_loss(module.forward_fn(), batch["diffusion"], noise)
+        output = diffusion_logits(module.forward_fn(), batch["diffusion"], noise)
+        activations = stage_output(module, output)
+        return pretrain_score(output, batch["diffusion"]) if activations is None else activations
 
 
 @dataclass(frozen=True)
 class SFTObjective:
-    """SFT (Eq. 5) with complementary masking; CAP (Eq. 6) when `confidence_weight` > 0."""
+    """SFT (Eq. 5) with complementary masking (the pair in one forward); CAP (Eq. 6) when `confidence_weight` > 0."""
 
     confidence_weight: float = 0.0
     complementary: bool = True
 
     def __call__(self, module: "BlockDiffusionModule", batch: dict) -> torch.Tensor:
         diffusion: DiffusionBatch = batch["diffusion"]
-        loss = sft_objective(module.forward_fn(), diffusion, self.confidence_weight)
+        rows = cat_batches([diffusion, diffusion.complement()]) if self.complementary else diffusion
+        output = diffusion_logits(module.forward_fn(), rows)
+        activations = stage_output(module, output)
+        if activations is not None:
+            return activations
         if self.complementary:
-            loss = 0.5 * (loss + sft_objective(module.forward_fn(), diffusion.complement(), self.confidence_weight))
-        return loss
+            return complementary_sft_score(output, diffusion, self.confidence_weight)
+        return sft_score(output, diffusion, self.confidence_weight)
 
 
 @dataclass(frozen=True)
 class DPOObjective:
-    """DPO on the ELBO (Eq. 7-8) against the frozen reference the module holds."""
+    """DPO on the ELBO (Eq. 7-8) against the frozen reference the module holds (one pipeline stage: the reference
+    is not pipelined)."""
 
     beta: float = 0.1
 
@@ -142,7 +162,9 @@ class BlockDiffusionModule(L.LightningModule, io.IOMixin):
             weights.update(load_file(f))
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        model = megatron_model.build_gpt_model(self.hf_config, config=self.config)
+        model = megatron_model.build_gpt_model(self.hf_config, config=self.config,
+                                               pre_process=parallel_state.is_pipeline_first_stage(),
+                                               post_process=parallel_state.is_pipeline_last_stage())
         megatron_model.load_hf_weights(model, weights, self.hf_config, tp_rank, tp_size)
         return model.to(parallel.device())
 

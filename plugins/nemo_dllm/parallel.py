@@ -60,15 +60,17 @@ def tp_rank_and_size() -> tuple[int, int]:
 
 
 def broadcast_noise(batch: DiffusionBatch) -> DiffusionBatch:
-    """Replace this rank's noise (which tokens are masked, and their ratios) by the first rank's of its model-parallel
-    group (tensor x pipeline), so every shard and every stage computes its part of the same sample."""
+    """Replace this rank's noise (which tokens are masked, and their ratios) by the first tensor-parallel rank's, so
+    every shard computes its part of the same sample. Pipeline stages are not in this broadcast: the schedule runs
+    them at different times (a collective across them inside the data step deadlocks 1F1B), and each stage's data
+    module draws the same noise anyway, its seed being the sample index (`nemo_dllm.datamodule`)."""
     from megatron.core import parallel_state
 
     batch = batch.to(device())
-    group = parallel_state.get_model_parallel_group()
+    group = parallel_state.get_tensor_model_parallel_group()
     if dist.get_world_size(group) == 1:
         return batch
-    src = dist.get_global_rank(group, 0)
+    src = parallel_state.get_tensor_model_parallel_src_rank()
     masked = batch.masked.to(torch.uint8).contiguous()
     t_tok = batch.t_tok.contiguous()
     dist.broadcast(masked, src, group=group)

@@ -10,13 +10,14 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch.distributed as dist
 
 from blockdiff.merge import merge_checkpoints, select_top_k
-from blockdiff.models import BlockDiffusionSettings, read_config, save_weights, with_block_diffusion
+from blockdiff.models import BlockDiffusionSettings, load_model, read_config, save_weights, with_block_diffusion
 from blockdiff.noise import MaskBand
-from blockdiff.objectives import heldout_accuracy
+from blockdiff.objectives import ReferenceForward, heldout_accuracy
 from blockdiff.schedules import WSDSchedule
 from blockdiff.text import EOS, MASK, load_tokenizer, special_id
 from nemo_dllm import data, megatron_model
@@ -107,13 +108,17 @@ def _check_seq_len(seq_len: int, block: int) -> None:
 
 
 def export_hf(model, cfg: dict, tokenizer_dir: str, out: Path, extra: dict | None = None) -> Path:
-    """Gather every tensor-parallel shard and write an HF directory (rank 0), atomically."""
+    """Gather every tensor-parallel shard of every pipeline stage and write an HF directory (rank 0), atomically."""
     from megatron.core import parallel_state
 
-    shards = [None] * parallel_state.get_tensor_model_parallel_world_size()
-    dist.all_gather_object(shards, megatron_model.megatron_state(model),
-                           group=parallel_state.get_tensor_model_parallel_group())
+    group = parallel_state.get_model_parallel_group()
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, (parallel_state.get_tensor_model_parallel_rank(),
+                                   megatron_model.megatron_state(model)), group=group)
     if dist.get_rank() == 0:
+        shards = [{} for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
+        for tp_rank, state in parts:
+            shards[tp_rank].update(state)
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         save_weights(megatron_model.megatron_to_hf(shards, cfg), cfg, tmp)
@@ -137,10 +142,14 @@ def _hf_exporter(hf_cfg: dict, tokenizer_dir: str):
 
 
 def _finish(module: BlockDiffusionModule, cfg: dict, tokenizer_dir: str, out_dir: Path, records: list[dict],
-            summary: dict) -> Path:
+            summary: dict, evaluate: Callable[[Path], dict] | None = None) -> Path:
+    """Export the trained model and write `summary.json`, with what `evaluate(hf_dir)` measures on the exported model
+    (rank 0, the core's reference model: the same on any parallel layout)."""
     hf = export_hf(module.gpt_model(), cfg, tokenizer_dir, out_dir / "hf", {"final_lr": records[-1]["lr"], **summary})
     if dist.get_rank() == 0:
+        summary = {**summary, **(evaluate(hf) if evaluate else {})}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    dist.barrier()
     return hf
 
 
@@ -177,10 +186,15 @@ def wsd_cpt(cfg: WSDConfig) -> Path:
     module = BlockDiffusionModule(cfg.init_from, PretrainObjective(cfg.embed_noise_std, cfg.embed_noise_steps),
                                   _optimizer(trainer))
     records = fit(trainer, module, datamodule, Path(cfg.out_dir), _hf_exporter(out_cfg, cfg.init_from), phase_of)
-    accuracy = heldout_accuracy(module.forward_fn(), val_ids[:16], val_doc[:16], cfg.final_block, mask_id)
+
+    def accuracy(hf: Path) -> dict:
+        model, _ = load_model(hf)
+        return {"masked_token_accuracy": heldout_accuracy(ReferenceForward(model), val_ids[:16], val_doc[:16],
+                                                          cfg.final_block, mask_id),
+                "chance": 1 / tok.get_vocab_size()}
+
     return _finish(module, out_cfg, cfg.init_from, Path(cfg.out_dir), records,
-                   {"stage": "wsd_cpt", "masked_token_accuracy": accuracy, "chance": 1 / tok.get_vocab_size(),
-                    "config": asdict(cfg)})
+                   {"stage": "wsd_cpt", "config": asdict(cfg)}, accuracy)
 
 
 def _split_held_out(items: list, source: str, seq_len: int, block: int) -> tuple[list, list]:
@@ -227,6 +241,9 @@ def sft(cfg: SFTConfig) -> Path:
 
 def dpo(cfg: DPOConfig) -> Path:
     """DPO on the ELBO (Eq. 7-8) against a frozen reference (by default the starting, post-SFT model)."""
+    if cfg.trainer.pipeline_parallel > 1:
+        raise ValueError(f"dpo: trainer.pipeline_parallel must be 1, got {cfg.trainer.pipeline_parallel} (the frozen "
+                         "reference model is not pipelined)")
     settings = _block_diffusion_settings(cfg.init_from, cfg.seq_len)
     cfg.trainer.micro_batch(cfg.batch_size)
     lr = cfg.lr

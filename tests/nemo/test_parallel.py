@@ -1,6 +1,7 @@
-"""Megatron's parallelism through NeMo's strategy, on CPU (gloo, two processes): data parallel 2 and tensor parallel 2
-each train exactly as one process does on the same global batch, and a distributed checkpoint saved at tensor parallel
-2 resumes at tensor parallel 1 with the same losses."""
+"""Megatron's parallelism through NeMo's strategy, on CPU (gloo): data parallel 2, tensor parallel 2, pipeline parallel
+2 (two processes each) and all three at once (2 x 2 x 2, eight processes) train exactly as one process does on the
+same global batch, and distributed checkpoints saved at tensor parallel 2 and at pipeline parallel 2 resume in one
+process with the same losses."""
 
 import json
 import shutil
@@ -18,22 +19,23 @@ from nemo_dllm.training import read_metrics
 
 pytestmark = pytest.mark.slow
 
-# WSD over 21 steps of 4 rows: micro-batches of 2, so one process runs two per step and each of two data-parallel
-# ranks one; a checkpoint every 3 steps, all kept
+# WSD over 21 steps of 4 rows in micro-batches of 1: one process runs four per step (so does a pipeline, in 1F1B
+# order), each of two data-parallel ranks two; a checkpoint every 3 steps, all kept
 WSD_SCRIPT = textwrap.dedent("""
     import sys
     from nemo_dllm.stages import WSDConfig, wsd_cpt
     from nemo_dllm.training import TrainerConfig
     wsd_cpt(WSDConfig(init_from=sys.argv[1], out_dir=sys.argv[2], data=sys.argv[3], seq_len=64, batch_size=4,
                       warmup_tokens=3 * 256, stable_tokens=6 * 256, decay_tokens=3 * 256,
-                      trainer=TrainerConfig(val_every=3, save_top_k=10, lr=2e-3, warmup_steps=2, micro_batch_size=2,
-                                            tensor_parallel=int(sys.argv[4]))))
+                      trainer=TrainerConfig(val_every=3, save_top_k=10, lr=2e-3, warmup_steps=2, micro_batch_size=1,
+                                            tensor_parallel=int(sys.argv[4]), pipeline_parallel=int(sys.argv[5]))))
 """)
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> tuple[Path, Path]:
-    """A random tiny Qwen3 (4 heads and 2 KV groups, so tensor parallel 2 splits both) and a small corpus."""
+    """A random tiny Qwen3 (4 heads and 2 KV groups, so tensor parallel 2 splits both; 2 layers, one per pipeline
+    stage) and a small corpus."""
     root = tmp_path_factory.mktemp("parallel")
     docs = stdlib_documents(max_bytes=200_000)
     tok = train_tokenizer([d.text for d in docs], 400)
@@ -48,14 +50,14 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
     return base, corpus
 
 
-def _wsd(inputs, out: Path, processes: int, tensor_parallel: int, port: int) -> list[dict]:
+def _wsd(inputs, out: Path, processes: int, tensor_parallel: int, pipeline_parallel: int, port: int) -> list[dict]:
     base, corpus = inputs
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
               str(port)] if processes > 1 else [sys.executable]
     script = out.parent / "wsd_script.py"
     script.write_text(f"if __name__ == '__main__':\n{textwrap.indent(WSD_SCRIPT, '    ')}")
-    done = subprocess.run([*launch, str(script), str(base), str(out), str(corpus), str(tensor_parallel)],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run([*launch, str(script), str(base), str(out), str(corpus), str(tensor_parallel),
+                           str(pipeline_parallel)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return read_metrics(out / "metrics.jsonl")
 
@@ -65,24 +67,33 @@ def _losses(records: list[dict]) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def single(inputs, tmp_path_factory) -> list[dict]:
-    return _wsd(inputs, tmp_path_factory.mktemp("single") / "run", 1, 1, 0)
+def single_run(inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    _wsd(inputs, out, 1, 1, 1, 0)
+    return out
+
+
+@pytest.fixture
+def single(single_run) -> list[dict]:
+    return read_metrics(single_run / "metrics.jsonl")
 
 
 def test_data_parallel_2_equals_one_process(inputs, single, tmp_path):
-    records = _wsd(inputs, tmp_path / "dp2", 2, 1, 29431)
+    records = _wsd(inputs, tmp_path / "dp2", 2, 1, 1, 29431)
     assert [r["step"] for r in records] == list(range(21))
     assert _losses(records) == pytest.approx(_losses(single), abs=1e-5)
 
 
-def test_tensor_parallel_2_equals_one_process_and_its_checkpoint_resumes_at_tensor_parallel_1(inputs, single,
-                                                                                               tmp_path):
-    tp2 = tmp_path / "tp2"
-    records = _wsd(inputs, tp2, 2, 2, 29432)
+@pytest.mark.parametrize("tensor_parallel, pipeline_parallel, port", [(2, 1, 29432), (1, 2, 29433)],
+                         ids=["tensor", "pipeline"])
+def test_model_parallel_2_equals_one_process_and_its_checkpoint_resumes_in_one_process(
+        inputs, single_run, single, tmp_path, tensor_parallel, pipeline_parallel, port):
+    run = tmp_path / "parallel"
+    records = _wsd(inputs, run, 2, tensor_parallel, pipeline_parallel, port)
     assert _losses(records) == pytest.approx(_losses(single), abs=1e-5)
     # keep only the checkpoint after step 8 (steps 0-8 done), as NeMo's "last": the resumed run starts there
-    resumed = tmp_path / "tp1-from-tp2"
-    shutil.copytree(tp2, resumed)
+    resumed = tmp_path / "one-process-from-parallel"
+    shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "hf")
     for folder in (resumed / "checkpoints").iterdir():
         if "-step=8-" not in folder.name or folder.name.endswith("-last"):
@@ -90,10 +101,19 @@ def test_tensor_parallel_2_equals_one_process_and_its_checkpoint_resumes_at_tens
     (kept,) = (resumed / "checkpoints").iterdir()
     kept.rename(kept.with_name(kept.name + "-last"))
     _tag_records(resumed / "metrics.jsonl")
-    records = _wsd(inputs, resumed, 1, 1, 0)
+    records = _wsd(inputs, resumed, 1, 1, 1, 0)
     assert [r["step"] for r in records] == list(range(21))
     assert [r.get("tagged", False) for r in records] == [True] * 9 + [False] * 12  # resumed after step 8
     assert _losses(records[9:]) == pytest.approx(_losses(single[9:]), abs=1e-5)
+    # the model exported from all shards and stages is the single process's: same held-out accuracy
+    parallel_summary, single_summary = (json.loads((d / "summary.json").read_text()) for d in (run, single_run))
+    assert parallel_summary["masked_token_accuracy"] == single_summary["masked_token_accuracy"]
+
+
+def test_tensor_pipeline_and_data_parallel_2x2x2_equal_one_process(inputs, single, tmp_path):
+    """The largest layout this 2-core machine runs within the CI budget: eight gloo processes (about 2.5 minutes)."""
+    records = _wsd(inputs, tmp_path / "tp2-pp2-dp2", 8, 2, 2, 29434)
+    assert _losses(records) == pytest.approx(_losses(single), abs=1e-5)
 
 
 def _tag_records(path: Path) -> None:

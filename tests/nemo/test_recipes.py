@@ -104,7 +104,11 @@ def test_wsd_block_sizes_and_losses_survive_sigkills_at_random_points(ar_base, t
     assert [r["step"] for r in resumed] == list(range(21))
     assert [r["block_size"] for r in resumed] == [schedule.phase_at(s, 128).block_size for s in range(21)]
     assert [r["block_size"] for r in resumed] == [1] * 3 + [4] * 3 + [32] * 3 + [64] * 3 + [64] * 6 + [32] * 3
-    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], abs=1e-6)
+    # fp32 on CPU: equal to 1e-5 relative (bitwise in five runs by hand; once, inside the whole suite, every run of
+    # the killed folder differed from the straight run by 1e-6 relative from its second step on, before any resume)
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-5)
+    assert all(f"consumed_samples={2 * m['step']}.0" in p.parent.name
+               for p in (killed / "checkpoints").glob("*/meta.json") for m in [json.loads(p.read_text())])
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["stage"] == "wsd_cpt" and (killed / "hf" / "model.safetensors").exists()
     print(f"\nWSD killed after {kills} recorded steps, resumed to 21: losses equal the uninterrupted run's")
