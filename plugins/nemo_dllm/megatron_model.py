@@ -225,8 +225,7 @@ def stage_state(whole: dict[str, Tensor], model) -> dict[str, Tensor]:
             index = int(name.split(".")[2])
             if first <= index < first + count:
                 out[name.replace(f"decoder.layers.{index}.", f"decoder.layers.{index - first}.", 1)] = tensor
-        elif name.startswith("embedding.") and model.pre_process or not name.startswith("embedding.") and \
-                model.post_process:
+        elif model.pre_process if name.startswith("embedding.") else model.post_process:
             out[name] = tensor
     if model.share_embeddings_and_output_weights and model.post_process and not model.pre_process:
         out["output_layer.weight"] = whole["embedding.word_embeddings.weight"]

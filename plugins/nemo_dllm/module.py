@@ -160,8 +160,7 @@ class BlockDiffusionModule(L.LightningModule, io.IOMixin):
         weights: dict[str, torch.Tensor] = {}
         for f in sorted(Path(hf_dir).glob("*.safetensors")):
             weights.update(load_file(f))
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        tp_rank, tp_size = parallel.tp_rank_and_size()
         model = megatron_model.build_gpt_model(self.hf_config, config=self.config,
                                                pre_process=parallel_state.is_pipeline_first_stage(),
                                                post_process=parallel_state.is_pipeline_last_stage())

@@ -1,5 +1,5 @@
 """Process groups for the recipes: torch.distributed (gloo on CPU, nccl on GPU), Megatron's model-parallel state, and
-the paper's consistency rule: noise is drawn on one rank of each model-parallel group and broadcast to the others, so
+the paper's consistency rule: noise is drawn on one rank of each tensor-parallel group and broadcast to the others, so
 every shard computes its part of the same sample. (`init` is for megatron-core without NeMo's trainer, as the
 objective tests use it; the recipes' process groups are NeMo's strategy's.)"""
 

@@ -153,8 +153,8 @@ def _finish(module: BlockDiffusionModule, cfg: dict, tokenizer_dir: str, out_dir
     return hf
 
 
-def _optimizer(trainer: TrainerConfig, lr: float | None = None):
-    return megatron_optimizer(lr or trainer.lr, trainer.weight_decay, trainer.grad_clip, trainer.warmup_steps,
+def _optimizer(trainer: TrainerConfig):
+    return megatron_optimizer(trainer.lr, trainer.weight_decay, trainer.grad_clip, trainer.warmup_steps,
                               trainer.max_steps, trainer.min_lr_ratio)
 
 
@@ -206,19 +206,21 @@ def _split_held_out(items: list, source: str, seq_len: int, block: int) -> tuple
     return items[-cut:], items[:-cut]
 
 
-def _response_data(items: list, source: str, seq_len: int, batch_size: int, trainer: TrainerConfig,
-                   settings: BlockDiffusionSettings, band: MaskBand) -> RecipeData:
+def _response_data(items: list, source: str, seq_len: int, batch_size: int, micro_batch_size: int,
+                   trainer: TrainerConfig, settings: BlockDiffusionSettings, band: MaskBand) -> RecipeData:
     held_out, train = _split_held_out(items, source, seq_len, settings.block_size)
     collate = ResponseCollate(seq_len, settings.block_size, settings.eos_token_ids[0], settings.mask_token_id, band,
                               trainer.seed)
     return RecipeData(Shuffled(train, trainer.max_steps * batch_size, trainer.seed), Cycled(held_out, batch_size),
-                      collate, collate, seq_len, trainer.micro_batch(batch_size), batch_size)
+                      collate, collate, seq_len, micro_batch_size, batch_size)
 
 
-def _block_diffusion_settings(init_from: str, seq_len: int) -> BlockDiffusionSettings:
-    settings = BlockDiffusionSettings.from_config(read_config(init_from))
+def _block_diffusion_config(init_from: str, seq_len: int) -> tuple[dict, BlockDiffusionSettings]:
+    """The HF config of a block-diffusion checkpoint and its settings, checked against the sequence length."""
+    hf_cfg = read_config(init_from)
+    settings = BlockDiffusionSettings.from_config(hf_cfg)
     _check_seq_len(seq_len, settings.block_size)
-    return settings
+    return hf_cfg, settings
 
 
 def sft(cfg: SFTConfig) -> Path:
@@ -226,12 +228,11 @@ def sft(cfg: SFTConfig) -> Path:
     when `confidence_weight` > 0."""
     if cfg.confidence_weight < 0:
         raise ValueError(f"confidence_weight must be >= 0, got {cfg.confidence_weight}")
-    settings = _block_diffusion_settings(cfg.init_from, cfg.seq_len)
-    cfg.trainer.micro_batch(cfg.batch_size)
+    hf_cfg, settings = _block_diffusion_config(cfg.init_from, cfg.seq_len)
+    micro = cfg.trainer.micro_batch(cfg.batch_size)
     tok = load_tokenizer(cfg.init_from)
-    datamodule = _response_data(data.sft_examples(cfg.data, tok), cfg.data, cfg.seq_len, cfg.batch_size, cfg.trainer,
-                                settings, MaskBand(*cfg.mask_band))
-    hf_cfg = read_config(cfg.init_from)
+    datamodule = _response_data(data.sft_examples(cfg.data, tok), cfg.data, cfg.seq_len, cfg.batch_size, micro,
+                                cfg.trainer, settings, MaskBand(*cfg.mask_band))
     module = BlockDiffusionModule(cfg.init_from, SFTObjective(cfg.confidence_weight, cfg.complementary),
                                   _optimizer(cfg.trainer))
     records = fit(cfg.trainer, module, datamodule, Path(cfg.out_dir), _hf_exporter(hf_cfg, cfg.init_from))
@@ -244,22 +245,21 @@ def dpo(cfg: DPOConfig) -> Path:
     if cfg.trainer.pipeline_parallel > 1:
         raise ValueError(f"dpo: trainer.pipeline_parallel must be 1, got {cfg.trainer.pipeline_parallel} (the frozen "
                          "reference model is not pipelined)")
-    settings = _block_diffusion_settings(cfg.init_from, cfg.seq_len)
-    cfg.trainer.micro_batch(cfg.batch_size)
+    hf_cfg, settings = _block_diffusion_config(cfg.init_from, cfg.seq_len)
+    micro = cfg.trainer.micro_batch(cfg.batch_size)
     lr = cfg.lr
     if lr is None:
         state = Path(cfg.init_from) / "training_state.json"
         if not state.exists():
             raise ValueError(f"dpo.lr is not set and {state} (the SFT run's final learning rate) does not exist")
         lr = json.loads(state.read_text())["final_lr"]
+    trainer = replace(cfg.trainer, lr=lr)
     tok = load_tokenizer(cfg.init_from)
     datamodule = _response_data(data.preference_examples(cfg.data, tok), cfg.data, cfg.seq_len, cfg.batch_size,
-                                cfg.trainer, settings, MaskBand(*cfg.mask_band))
-    hf_cfg = read_config(cfg.init_from)
-    module = BlockDiffusionModule(cfg.init_from, DPOObjective(cfg.beta), _optimizer(cfg.trainer, lr),
+                                micro, trainer, settings, MaskBand(*cfg.mask_band))
+    module = BlockDiffusionModule(cfg.init_from, DPOObjective(cfg.beta), _optimizer(trainer),
                                   reference_from=cfg.reference_from or cfg.init_from)
-    records = fit(replace(cfg.trainer, lr=lr), module, datamodule, Path(cfg.out_dir),
-                  _hf_exporter(hf_cfg, cfg.init_from))
+    records = fit(trainer, module, datamodule, Path(cfg.out_dir), _hf_exporter(hf_cfg, cfg.init_from))
     return _finish(module, hf_cfg, cfg.init_from, Path(cfg.out_dir), records, {"stage": "dpo", "config": asdict(cfg)})
 
 
