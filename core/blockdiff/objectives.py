@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
 
 from blockdiff.batches import DiffusionBatch, make_diffusion_batch
 from blockdiff.losses import cap_loss, diffusion_loss, dpo_loss, masked_token_accuracy, sft_loss, weighted_masked_nll
@@ -19,11 +20,14 @@ from blockdiff.noise import MaskBand, add_embedding_noise
 
 
 class DiffusionForward(Protocol):
+    flex_attention: bool  # whether the model takes the mask as a FlexAttention BlockMask instead of a dense one
+
     def embed(self, input_ids: Tensor) -> Tensor:
         """Token embeddings [b, L, H]."""
 
-    def __call__(self, embeddings: Tensor, positions: Tensor, allowed: Tensor) -> Tensor:
-        """Logits [b, L, V] over the full vocabulary; `allowed` [b, L, L] is True where a query may attend."""
+    def __call__(self, embeddings: Tensor, positions: Tensor, allowed: Tensor | BlockMask) -> Tensor:
+        """Logits [b, L, V] over the full vocabulary; `allowed` ([b, L, L] or its BlockMask) is True where a query
+        may attend."""
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,12 @@ class ReferenceForward:
     """The core's reference models (`blockdiff.models`) as a `DiffusionForward`."""
 
     model: torch.nn.Module
+    flex_attention: bool = False
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embed(input_ids)
 
-    def __call__(self, embeddings: Tensor, positions: Tensor, allowed: Tensor) -> Tensor:
+    def __call__(self, embeddings: Tensor, positions: Tensor, allowed: Tensor | BlockMask) -> Tensor:
         return self.model(None, positions, allowed, inputs_embeds=embeddings)
 
 
@@ -56,7 +61,7 @@ def diffusion_logits(model: DiffusionForward, batch: DiffusionBatch, noise: Embe
     output straight to them."""
     embeddings = add_embedding_noise(model.embed(batch.input_ids), batch.masked_inputs, noise.std, noise.step,
                                      noise.until_step, noise.generator)
-    return model(embeddings, batch.positions, batch.attention_mask())
+    return model(embeddings, batch.positions, batch.attention_mask(flex=model.flex_attention))
 
 
 def noisy_logits(model: DiffusionForward, batch: DiffusionBatch, noise: EmbeddingNoise = EmbeddingNoise()) -> Tensor:

@@ -3,8 +3,10 @@ the forward that block-diffusion training needs.
 
 GPTModel's own forward numbers RoPE positions 0..S-1 over the input, but the `[x_noisy, x_clean]` input reuses
 positions 0..L-1 for both halves and packed documents restart them. So `forward` runs GPTModel's own submodules
-(embedding, decoder, output layer) with rotary embeddings computed from explicit position ids, and an arbitrary
-attention mask.
+(embedding, decoder, output layer) with rotary embeddings computed from explicit position ids, and the core's mask
+in the core's attention (`nemo_dllm.attention`). Under context parallelism each rank runs its share of the sequence,
+balanced by attention work (`parallel.context_parallel_shares`), and the logits are gathered back into sequence order, so the objective sees the
+whole sequence on every rank.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
 
 from blockdiff.models import DenseConfig
+from nemo_dllm import parallel
+from nemo_dllm.attention import BlockDiffusionAttention
 
 
 def transformer_config(hf_config: dict[str, Any], tp_size: int = 1):
@@ -44,8 +49,8 @@ def transformer_config(hf_config: dict[str, Any], tp_size: int = 1):
 
 def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1, config=None, pre_process: bool = True,
                     post_process: bool = True):
-    """An fp32 GPTModel with megatron-core's local (non-Transformer-Engine) layers and an arbitrary attention mask;
-    with pipeline parallelism, this rank's stage (`pre_process`: it embeds, `post_process`: it has the output layer).
+    """An fp32 GPTModel with megatron-core's local (non-Transformer-Engine) layers and the core's attention; with
+    pipeline parallelism, this rank's stage (`pre_process`: it embeds, `post_process`: it has the output layer).
     Parallel state must be initialised."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -55,6 +60,7 @@ def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1, config=None, pr
     config = config or transformer_config(hf_config, tp_size)
     spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_norm, normalization="RMSNorm")
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    spec.submodules.self_attention.submodules.core_attention = BlockDiffusionAttention
     return GPTModel(config, spec, vocab_size=cfg.vocab_size,
                     max_sequence_length=hf_config.get("max_position_embeddings", 4096),
                     parallel_output=True, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
@@ -82,6 +88,7 @@ class DiffusionForward:
     stage before the last returns its activations [b, s, hidden] instead of logits."""
 
     model: Any
+    flex_attention: bool = False
 
     def embed(self, input_ids: Tensor) -> Tensor:
         if not self.model.pre_process:
@@ -92,41 +99,35 @@ class DiffusionForward:
         return forward(self.model, None, positions, allowed, embeddings=embeddings.transpose(0, 1))
 
 
-class _GatherVocab(torch.autograd.Function):
-    """All-gather vocab-parallel logits along the last dim; backward keeps this rank's slice of the gradient (every
-    rank computes the same loss from the full logits, so no reduction). Megatron's own gather allocates its output
-    on the GPU; this one works on gloo too, so CPU and GPU take the same path."""
-
-    @staticmethod
-    def forward(ctx, shard: Tensor, group) -> Tensor:
-        ctx.group, ctx.width = group, shard.shape[-1]
-        parts = [torch.empty_like(shard) for _ in range(torch.distributed.get_world_size(group))]
-        torch.distributed.all_gather(parts, shard.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        rank = torch.distributed.get_rank(ctx.group)
-        return grad[..., rank * ctx.width: (rank + 1) * ctx.width].contiguous(), None
-
-
-def forward(model, input_ids: Tensor | None, position_ids: Tensor, allowed: Tensor,
+def forward(model, input_ids: Tensor | None, position_ids: Tensor, allowed: Tensor | BlockMask,
             embeddings: Tensor | None = None) -> Tensor:
-    """Logits [b, s, vocab], full vocabulary on every tensor-parallel rank (on a pipeline stage before the last: its
-    activations [b, s, hidden]). `allowed` is the core's boolean mask [b, s, s] with True = may attend; Megatron's
-    convention is the opposite."""
+    """Logits [b, s, vocab], full vocabulary and whole sequence on every tensor- and context-parallel rank (on a
+    pipeline stage before the last: its activations [b, s_rank, hidden], this rank's share of the sequence).
+    `allowed` is the core's mask, True = may attend: bool [b, s, s] or a FlexAttention BlockMask."""
     from megatron.core import parallel_state
 
     hidden = embed(model, input_ids) if embeddings is None else embeddings
+    cp_rank, cp_size = parallel.cp_rank_and_size()
+    if cp_size > 1:
+        if isinstance(allowed, BlockMask):
+            raise ValueError("FlexAttention block masks do not run under context parallelism: use dense attention")
+        shares = parallel.context_parallel_shares(allowed.sum(dim=(0, 2)), cp_size)
+        rows, gathered = shares[cp_rank], torch.cat(shares)
+        hidden, position_ids = hidden[rows], position_ids[:, rows]
+        allowed = allowed[:, rows][:, :, gathered]  # keys arrive gathered in rank order (`nemo_dllm.attention`)
+    mask = allowed if isinstance(allowed, BlockMask) else allowed[:, None]
     # a stage after the first reads its input from the previous stage (set by the schedule), whatever is passed
-    hidden = model.decoder(hidden_states=hidden if model.pre_process else None, attention_mask=~allowed[:, None],
+    hidden = model.decoder(hidden_states=hidden if model.pre_process else None, attention_mask=mask,
                            rotary_pos_emb=_rope(model, position_ids))
     if not model.post_process:
         return hidden.transpose(0, 1)
     logits, _ = model.output_layer(hidden, weight=model.shared_embedding_or_output_weight()
                                    if model.share_embeddings_and_output_weights else None)
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        logits = _GatherVocab.apply(logits, parallel_state.get_tensor_model_parallel_group())
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:  # every rank scores the same logits
+        logits = parallel.gather(logits, -1, parallel_state.get_tensor_model_parallel_group(), sum_grads=False)
+    if cp_size > 1:
+        logits = parallel.gather(logits, 0, parallel_state.get_context_parallel_group(), sum_grads=False)
+        logits = logits[torch.argsort(gathered)]
     return logits.transpose(0, 1).float()
 
 

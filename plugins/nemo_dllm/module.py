@@ -134,12 +134,14 @@ class BlockDiffusionModule(L.LightningModule, io.IOMixin):
 
     `init_from` is the HF directory the weights start from; `reference_from`, when given, is loaded as a frozen
     reference (DPO). `config` is megatron-core's TransformerConfig, into which the strategy writes the parallel sizes.
+    `flex_attention`: the attention takes the core's FlexAttention block mask instead of the dense mask.
     """
 
     def __init__(self, init_from: str, objective, optim: MegatronOptimizerModule,
-                 reference_from: str | None = None) -> None:
+                 reference_from: str | None = None, flex_attention: bool = False) -> None:
         super().__init__()
         self.init_from, self.reference_from, self.objective = str(init_from), reference_from, objective
+        self.flex_attention = flex_attention
         self.hf_config = read_config(init_from)
         self.config = megatron_model.transformer_config(self.hf_config)
         self.optim = optim
@@ -174,12 +176,12 @@ class BlockDiffusionModule(L.LightningModule, io.IOMixin):
         return unwrap_model(self.module)
 
     def forward_fn(self) -> megatron_model.DiffusionForward:
-        return megatron_model.DiffusionForward(self.gpt_model())
+        return megatron_model.DiffusionForward(self.gpt_model(), self.flex_attention)
 
     def reference_fn(self) -> megatron_model.DiffusionForward:
         if not self._reference:
             raise ValueError("this objective needs a reference model: set reference_from")
-        return megatron_model.DiffusionForward(self._reference[0])
+        return megatron_model.DiffusionForward(self._reference[0], self.flex_attention)
 
     def data_step(self, dataloader_iter) -> dict:
         batch = next(dataloader_iter)

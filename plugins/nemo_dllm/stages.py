@@ -20,7 +20,7 @@ from blockdiff.noise import MaskBand
 from blockdiff.objectives import ReferenceForward, heldout_accuracy
 from blockdiff.schedules import WSDSchedule
 from blockdiff.text import EOS, MASK, load_tokenizer, special_id
-from nemo_dllm import data, megatron_model
+from nemo_dllm import data, megatron_model, parallel
 from nemo_dllm.datamodule import Cycled, PretrainCollate, RecipeData, ResponseCollate, Shuffled
 from nemo_dllm.module import BlockDiffusionModule, DPOObjective, PretrainObjective, SFTObjective, megatron_optimizer
 from nemo_dllm.training import TrainerConfig, fit
@@ -146,8 +146,9 @@ def _finish(module: BlockDiffusionModule, cfg: dict, tokenizer_dir: str, out_dir
     """Export the trained model and write `summary.json`, with what `evaluate(hf_dir)` measures on the exported model
     (rank 0, the core's reference model: the same on any parallel layout)."""
     hf = export_hf(module.gpt_model(), cfg, tokenizer_dir, out_dir / "hf", {"final_lr": records[-1]["lr"], **summary})
+    layout = parallel.layout()
     if dist.get_rank() == 0:
-        summary = {**summary, **(evaluate(hf) if evaluate else {})}
+        summary = {**summary, "parallel": layout, **(evaluate(hf) if evaluate else {})}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     dist.barrier()
     return hf
@@ -161,6 +162,7 @@ def _optimizer(trainer: TrainerConfig):
 def wsd_cpt(cfg: WSDConfig) -> Path:
     """Warmup-Stable-Decay conversion of an AR checkpoint into a block-diffusion model."""
     schedule = cfg.schedule()  # raises on a sequence length the block sizes do not divide
+    cfg.trainer.check_rows_split(cfg.seq_len, "seq_len (MDLM rows; BDLM rows are twice as long)")
     micro = cfg.trainer.micro_batch(cfg.batch_size)
     band = MaskBand(*cfg.mask_band)
     tok = load_tokenizer(cfg.init_from)
@@ -184,7 +186,7 @@ def wsd_cpt(cfg: WSDConfig) -> Path:
                                       threshold=cfg.threshold)
     out_cfg = with_block_diffusion(hf_cfg, settings)
     module = BlockDiffusionModule(cfg.init_from, PretrainObjective(cfg.embed_noise_std, cfg.embed_noise_steps),
-                                  _optimizer(trainer))
+                                  _optimizer(trainer), flex_attention=trainer.attention == "flex")
     records = fit(trainer, module, datamodule, Path(cfg.out_dir), _hf_exporter(out_cfg, cfg.init_from), phase_of)
 
     def accuracy(hf: Path) -> dict:
@@ -215,11 +217,14 @@ def _response_data(items: list, source: str, seq_len: int, batch_size: int, micr
                       collate, collate, seq_len, micro_batch_size, batch_size)
 
 
-def _block_diffusion_config(init_from: str, seq_len: int) -> tuple[dict, BlockDiffusionSettings]:
-    """The HF config of a block-diffusion checkpoint and its settings, checked against the sequence length."""
+def _block_diffusion_config(init_from: str, seq_len: int, trainer: TrainerConfig
+                            ) -> tuple[dict, BlockDiffusionSettings]:
+    """The HF config of a block-diffusion checkpoint and its settings, checked against the sequence length and the
+    context-parallel split (response rows are whole blocks, so BDLM rows are multiples of 2 x block_size)."""
     hf_cfg = read_config(init_from)
     settings = BlockDiffusionSettings.from_config(hf_cfg)
     _check_seq_len(seq_len, settings.block_size)
+    trainer.check_rows_split(2 * settings.block_size, "2 x the model's block_size (the unit of BDLM response rows)")
     return hf_cfg, settings
 
 
@@ -228,13 +233,13 @@ def sft(cfg: SFTConfig) -> Path:
     when `confidence_weight` > 0."""
     if cfg.confidence_weight < 0:
         raise ValueError(f"confidence_weight must be >= 0, got {cfg.confidence_weight}")
-    hf_cfg, settings = _block_diffusion_config(cfg.init_from, cfg.seq_len)
+    hf_cfg, settings = _block_diffusion_config(cfg.init_from, cfg.seq_len, cfg.trainer)
     micro = cfg.trainer.micro_batch(cfg.batch_size)
     tok = load_tokenizer(cfg.init_from)
     datamodule = _response_data(data.sft_examples(cfg.data, tok), cfg.data, cfg.seq_len, cfg.batch_size, micro,
                                 cfg.trainer, settings, MaskBand(*cfg.mask_band))
     module = BlockDiffusionModule(cfg.init_from, SFTObjective(cfg.confidence_weight, cfg.complementary),
-                                  _optimizer(cfg.trainer))
+                                  _optimizer(cfg.trainer), flex_attention=cfg.trainer.attention == "flex")
     records = fit(cfg.trainer, module, datamodule, Path(cfg.out_dir), _hf_exporter(hf_cfg, cfg.init_from))
     stage = "cap" if cfg.confidence_weight > 0 else "sft"
     return _finish(module, hf_cfg, cfg.init_from, Path(cfg.out_dir), records, {"stage": stage, "config": asdict(cfg)})
@@ -245,7 +250,7 @@ def dpo(cfg: DPOConfig) -> Path:
     if cfg.trainer.pipeline_parallel > 1:
         raise ValueError(f"dpo: trainer.pipeline_parallel must be 1, got {cfg.trainer.pipeline_parallel} (the frozen "
                          "reference model is not pipelined)")
-    hf_cfg, settings = _block_diffusion_config(cfg.init_from, cfg.seq_len)
+    hf_cfg, settings = _block_diffusion_config(cfg.init_from, cfg.seq_len, cfg.trainer)
     micro = cfg.trainer.micro_batch(cfg.batch_size)
     lr = cfg.lr
     if lr is None:
@@ -258,7 +263,8 @@ def dpo(cfg: DPOConfig) -> Path:
     datamodule = _response_data(data.preference_examples(cfg.data, tok), cfg.data, cfg.seq_len, cfg.batch_size,
                                 micro, trainer, settings, MaskBand(*cfg.mask_band))
     module = BlockDiffusionModule(cfg.init_from, DPOObjective(cfg.beta), _optimizer(trainer),
-                                  reference_from=cfg.reference_from or cfg.init_from)
+                                  reference_from=cfg.reference_from or cfg.init_from,
+                                  flex_attention=trainer.attention == "flex")
     records = fit(trainer, module, datamodule, Path(cfg.out_dir), _hf_exporter(hf_cfg, cfg.init_from))
     return _finish(module, hf_cfg, cfg.init_from, Path(cfg.out_dir), records, {"stage": "dpo", "config": asdict(cfg)})
 

@@ -38,6 +38,7 @@ class TrainerConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     context_parallel: int = 1
+    attention: str = "dense"  # "flex": FlexAttention with the core's block mask (dense where a CPU needs gradients)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "val_every", "save_top_k", "seed", "tensor_parallel", "pipeline_parallel",
@@ -48,6 +49,11 @@ class TrainerConfig:
             raise ValueError(f"trainer.micro_batch_size must be >= 0, got {self.micro_batch_size}")
         if self.lr <= 0:
             raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
+        if self.attention not in ("dense", "flex"):
+            raise ValueError(f"trainer.attention must be 'dense' or 'flex', got {self.attention!r}")
+        if self.attention == "flex" and self.context_parallel > 1:
+            raise ValueError(f"trainer.attention 'flex' does not run with trainer.context_parallel "
+                             f"{self.context_parallel}: context parallel attention takes the dense mask")
 
     def world_size(self) -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,6 +67,13 @@ class TrainerConfig:
                              f"{self.tensor_parallel} x {self.pipeline_parallel} x {self.context_parallel} does not "
                              f"divide the {self.world_size()} processes")
         return self.world_size() // model_parallel
+
+    def check_rows_split(self, tokens: int, what: str) -> None:
+        """Under context parallelism every row splits evenly over the context-parallel ranks: rows of `tokens`
+        tokens (or a multiple) must, or the run stops here, before training, naming `what` they are."""
+        if tokens % self.context_parallel:
+            raise ValueError(f"trainer.context_parallel {self.context_parallel} does not divide {what} ({tokens} "
+                             "tokens): rows must split evenly over the context-parallel ranks")
 
     def micro_batch(self, global_batch_size: int) -> int:
         """The micro-batch size, checked against the global batch: each data-parallel rank's share of it must be a

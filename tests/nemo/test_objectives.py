@@ -1,13 +1,16 @@
 """Megatron-side losses equal the core reference losses on a fixed batch with fixed masks (fp32, 1e-5): the same
-weights in the core's reference model and in a megatron-core GPTModel, the same noised samples."""
+weights in the core's reference model and in a megatron-core GPTModel, the same noised samples. FlexAttention with the
+core's block mask in Megatron's attention equals the dense mask."""
 
 
 import pytest
 import torch
 
 from blockdiff.models import tiny_dense_config
-from conformance.runners.training import TOLERANCE, loss_pairs, model_pair  # shared with the conformance table
-from nemo_dllm import megatron_model
+from blockdiff.objectives import diffusion_logits, pretrain_loss
+from conformance.runners.training import TOLERANCE, fixed_batch, loss_pairs, model_pair  # shared with conformance
+from nemo_dllm import attention, megatron_model
+from nemo_dllm.megatron_model import DiffusionForward
 
 VOCAB = 120
 
@@ -40,3 +43,28 @@ def test_weights_round_trip_through_megatron(models):
                                                                                               num_hidden_layers=2))
     for name, w in ref.state_dict().items():
         assert torch.equal(back[name], w), name
+
+
+@pytest.mark.parametrize("objective, block", [("bdlm", 4), ("mdlm", 32)])
+def test_flex_attention_equals_dense_and_trains_densely_on_the_cpu(models, objective, block, monkeypatch, caplog):
+    _, gpt = models
+    batch = fixed_batch(objective, block, VOCAB)
+    masks = []
+    core_attention = attention.attention
+    monkeypatch.setattr(attention, "attention", lambda q, k, v, mask: masks.append(type(mask).__name__) or
+                        core_attention(q, k, v, mask))
+    with torch.no_grad():
+        dense = diffusion_logits(DiffusionForward(gpt), batch)
+        flex = diffusion_logits(DiffusionForward(gpt, flex_attention=True), batch)
+    assert masks == ["Tensor"] * 2 + ["BlockMask"] * 2  # two layers each: the flex forward really ran flex
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+    monkeypatch.setattr(attention, "_said_dense_backward", False)
+    grads = []
+    for flex_attention in (False, True):
+        gpt.zero_grad()
+        pretrain_loss(DiffusionForward(gpt, flex_attention), batch).backward()
+        grads.append([p.grad.clone() for p in gpt.parameters()])
+    assert "FlexAttention has no CPU backward" in caplog.text
+    for dense_grad, flex_grad in zip(*grads):
+        torch.testing.assert_close(flex_grad, dense_grad, atol=1e-6, rtol=1e-5)

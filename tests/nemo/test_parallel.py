@@ -1,7 +1,7 @@
 """Megatron's parallelism through NeMo's strategy, on CPU (gloo): data parallel 2, tensor parallel 2, pipeline parallel
-2 (two processes each) and all three at once (2 x 2 x 2, eight processes) train exactly as one process does on the
-same global batch, and distributed checkpoints saved at tensor parallel 2 and at pipeline parallel 2 resume in one
-process with the same losses."""
+2, context parallel 2 (two processes each) and three at once (tensor x pipeline x data or x context, 2 x 2 x 2, eight
+processes) train exactly as one process does on the same global batch, and distributed checkpoints saved at tensor,
+pipeline or context parallel 2 resume in one process with the same losses."""
 
 import json
 import shutil
@@ -11,10 +11,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
+from blockdiff.masks import bdlm_mask, mdlm_mask
 from blockdiff.models import build_model, init_weights, save_model, tiny_dense_config
 from blockdiff.text import save_tokenizer, train_tokenizer
 from blockdiff_demo.corpus import stdlib_documents
+from nemo_dllm.parallel import context_parallel_shares
 from nemo_dllm.training import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -28,7 +31,8 @@ WSD_SCRIPT = textwrap.dedent("""
     wsd_cpt(WSDConfig(init_from=sys.argv[1], out_dir=sys.argv[2], data=sys.argv[3], seq_len=64, batch_size=4,
                       warmup_tokens=3 * 256, stable_tokens=6 * 256, decay_tokens=3 * 256,
                       trainer=TrainerConfig(val_every=3, save_top_k=10, lr=2e-3, warmup_steps=2, micro_batch_size=1,
-                                            tensor_parallel=int(sys.argv[4]), pipeline_parallel=int(sys.argv[5]))))
+                                            tensor_parallel=int(sys.argv[4]), pipeline_parallel=int(sys.argv[5]),
+                                            context_parallel=int(sys.argv[6]))))
 """)
 
 
@@ -50,14 +54,15 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
     return base, corpus
 
 
-def _wsd(inputs, out: Path, processes: int, tensor_parallel: int, pipeline_parallel: int, port: int) -> list[dict]:
+def _wsd(inputs, out: Path, processes: int, tensor_parallel: int, pipeline_parallel: int, port: int,
+         context_parallel: int = 1) -> list[dict]:
     base, corpus = inputs
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
               str(port)] if processes > 1 else [sys.executable]
     script = out.parent / "wsd_script.py"
     script.write_text(f"if __name__ == '__main__':\n{textwrap.indent(WSD_SCRIPT, '    ')}")
     done = subprocess.run([*launch, str(script), str(base), str(out), str(corpus), str(tensor_parallel),
-                           str(pipeline_parallel)], capture_output=True, text=True, timeout=900)
+                           str(pipeline_parallel), str(context_parallel)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return read_metrics(out / "metrics.jsonl")
 
@@ -84,12 +89,16 @@ def test_data_parallel_2_equals_one_process(inputs, single, tmp_path):
     assert _losses(records) == pytest.approx(_losses(single), abs=1e-5)
 
 
-@pytest.mark.parametrize("tensor_parallel, pipeline_parallel, port", [(2, 1, 29432), (1, 2, 29433)],
-                         ids=["tensor", "pipeline"])
+@pytest.mark.parametrize("tensor_parallel, pipeline_parallel, context_parallel, port",
+                         [(2, 1, 1, 29432), (1, 2, 1, 29433), (1, 1, 2, 29435)], ids=["tensor", "pipeline", "context"])
 def test_model_parallel_2_equals_one_process_and_its_checkpoint_resumes_in_one_process(
-        inputs, single_run, single, tmp_path, tensor_parallel, pipeline_parallel, port):
+        inputs, single_run, single, tmp_path, tensor_parallel, pipeline_parallel, context_parallel, port):
+    """Equal losses over 21 steps of WSD (block sizes 1 to 64, BDLM and MDLM rows) also mean equal gradients: any
+    difference in them would change the next step's loss."""
     run = tmp_path / "parallel"
-    records = _wsd(inputs, run, 2, tensor_parallel, pipeline_parallel, port)
+    records = _wsd(inputs, run, 2, tensor_parallel, pipeline_parallel, port, context_parallel)
+    layout = {"tensor": tensor_parallel, "pipeline": pipeline_parallel, "context": context_parallel, "data": 1}
+    assert json.loads((run / "summary.json").read_text())["parallel"] == layout  # as Megatron ran it
     assert _losses(records) == pytest.approx(_losses(single), abs=1e-5)
     # keep only the checkpoint after step 8 (steps 0-8 done), as NeMo's "last": the resumed run starts there
     resumed = tmp_path / "one-process-from-parallel"
@@ -110,9 +119,14 @@ def test_model_parallel_2_equals_one_process_and_its_checkpoint_resumes_in_one_p
     assert parallel_summary["masked_token_accuracy"] == single_summary["masked_token_accuracy"]
 
 
-def test_tensor_pipeline_and_data_parallel_2x2x2_equal_one_process(inputs, single, tmp_path):
-    """The largest layout this 2-core machine runs within the CI budget: eight gloo processes (about 2.5 minutes)."""
-    records = _wsd(inputs, tmp_path / "tp2-pp2-dp2", 8, 2, 2, 29434)
+@pytest.mark.parametrize("context_parallel, port", [(1, 29434), (2, 29436)], ids=["tp2-pp2-dp2", "tp2-pp2-cp2"])
+def test_three_dimensions_2x2x2_equal_one_process(inputs, single, tmp_path, context_parallel, port):
+    """The largest layouts this 2-core machine runs within the CI budget: eight gloo processes (about 1.5 minutes
+    each), tensor x pipeline x data and tensor x pipeline x context."""
+    records = _wsd(inputs, tmp_path / "run", 8, 2, 2, port, context_parallel)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["parallel"] == {"tensor": 2, "pipeline": 2, "context": context_parallel,
+                                   "data": 2 // context_parallel}
     assert _losses(records) == pytest.approx(_losses(single), abs=1e-5)
 
 
@@ -120,3 +134,18 @@ def _tag_records(path: Path) -> None:
     """Mark the records already there: a run that resumes keeps those of the steps before its checkpoint, while one
     that started over would have replaced them all."""
     path.write_text("".join(json.dumps({**r, "tagged": True}) + "\n" for r in read_metrics(path)))
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_context_parallel_shares_split_the_sequence_with_balanced_attention_work(cp):
+    """Packed rows (documents of uneven lengths) under each WSD mask: every position on exactly one rank, as many on
+    each, and each rank's attention work (allowed query-key pairs) within 10% of every other's."""
+    doc_ids = torch.tensor([[0] * 256, [0] * 40 + [1] * 100 + [2] * 60 + [3] * 56, [0] * 200 + [1] * 56])
+    for allowed in (bdlm_mask(doc_ids, 4), bdlm_mask(doc_ids, 32), mdlm_mask(doc_ids)):
+        shares = context_parallel_shares(allowed.sum(dim=(0, 2)), cp)
+        assert torch.equal(torch.cat(shares).sort().values, torch.arange(allowed.shape[1]))
+        assert {len(s) for s in shares} == {allowed.shape[1] // cp}
+        work = [int(allowed[:, rows].sum()) for rows in shares]
+        assert max(work) <= 1.1 * min(work), work
+    with pytest.raises(ValueError, match="a sequence of 12 tokens does not split evenly over context_parallel = 8"):
+        context_parallel_shares(torch.ones(12), 8)

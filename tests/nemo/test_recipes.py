@@ -156,6 +156,7 @@ def test_merge_averages_the_best_checkpoints_by_validation_loss_not_the_newest(a
     (8, dict(tensor_parallel=2, pipeline_parallel=2, context_parallel=4), 8, "2 x 2 x 4 does not divide the 8"),
     (4, dict(tensor_parallel=2), 7, "batch_size 7 is not divisible by the 2 data-parallel ranks"),
     (2, dict(micro_batch_size=3), 8, "trainer.micro_batch_size 3 does not divide the per-rank batch 4"),
+    (3, dict(context_parallel=3), 8, "trainer.context_parallel 3 does not divide seq_len"),
 ])
 def test_a_layout_that_does_not_fit_the_processes_or_the_batch_is_named(monkeypatch, ar_base, tmp_path, world,
                                                                          trainer, batch_size, message):
@@ -165,6 +166,15 @@ def test_a_layout_that_does_not_fit_the_processes_or_the_batch_is_named(monkeypa
     with pytest.raises(ValueError, match=message):
         wsd_cpt(cfg)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("trainer, message", [
+    (dict(attention="sparse"), "trainer.attention must be 'dense' or 'flex', got 'sparse'"),
+    (dict(attention="flex", context_parallel=2), "trainer.attention 'flex' does not run with trainer.context_parallel"),
+])
+def test_an_attention_the_layout_cannot_run_is_named(trainer, message):
+    with pytest.raises(ValueError, match=message):
+        TrainerConfig(**trainer)
 
 
 def test_sequence_length_not_divisible_fails_before_training(ar_base, tmp_path):
