@@ -15,6 +15,7 @@ from blockdiff.decoding import DecodeParams, ReferenceDecoder
 from blockdiff.text import render_chat
 from drivers.servers import abandon_midway, free_port, metric, running_server
 from tiny_models import make_tiny_blockdiff_model
+from vllm_blockdiff.engine import server_args
 
 B, MASK, EOS = 32, 1, (0,)
 
@@ -28,7 +29,7 @@ def server(tmp_path_factory):
            "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port)]
     with running_server(cmd, port, path / "server.log", {"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        yield {"url": url, "client": client, "model": model,
+        yield {"url": url, "client": client, "model": model, "path": path,
                "tokenizer": AutoTokenizer.from_pretrained(path)}
 
 
@@ -114,3 +115,27 @@ def test_a_cancelled_stream_frees_its_kv_cache(server):
         assert time.time() < deadline, "the cancelled request still holds KV cache"
         time.sleep(0.5)
     assert complete(server, [5, 6, 7], 3).choices[0].token_ids
+
+
+# The plugin as flags on the server vLLM users already run (plugins/vllm_blockdiff/README.md shows this command)
+OWN_LAUNCHER_FLAGS = ["--scheduler-cls", "vllm_blockdiff.scheduler.BlockDiffusionScheduler",
+                      "--worker-cls", "vllm_blockdiff.worker.BlockDiffusionWorker", "--no-enable-prefix-caching",
+                      "--no-async-scheduling", "--middleware", "blockdiff.http_guard.RequestGuard"]
+
+
+def test_vllms_own_launcher_with_the_plugins_flags_serves_block_diffusion(server, tmp_path):
+    """`python -m vllm.entrypoints.openai.api_server` with the documented flags (the ones `blockdiff-vllm-serve`
+    adds) answers with the reference decoder's tokens and accounting, as the console script does."""
+    assert OWN_LAUNCHER_FLAGS == server_args()
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(server["path"]),
+           "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+           "--host", "127.0.0.1", "--port", str(port), *OWN_LAUNCHER_FLAGS]
+    with running_server(cmd, port, tmp_path / "server.log", {"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        prompt = [5, 17, 42, 99, 3, 8] * 7
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=45, temperature=0,
+                                        extra_body={"vllm_xargs": {"threshold": 0.5}, "return_token_ids": True})
+    want = reference(server, prompt, 45, 0.5)
+    assert out.choices[0].token_ids == want.tokens
+    assert out.kv_transfer_params["block_diffusion"]["denoise_forwards"] == want.denoise_forwards
