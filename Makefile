@@ -9,7 +9,11 @@ demo:  ## the main job: tiny AR base -> NeMo recipes on Megatron (wsd_cpt, sft +
 	$(PYTHON) tools/envs.py core nemo
 	rm -rf runs/demo runs/nemo
 	$(CORE) -m blockdiff_demo base
-	$(NEMO) dllm pipeline --factory tiny --direct --yes
+	$(NEMO) llm pretrain --factory dllm_wsd_tiny --direct --yes
+	$(NEMO) dllm merge --factory tiny --direct --yes
+	$(NEMO) llm finetune --factory dllm_sft_tiny --direct --yes
+	$(NEMO) llm finetune --factory dllm_cap_tiny --direct --yes
+	$(NEMO) dllm dpo --factory tiny --direct --yes
 	$(CORE) -m blockdiff_demo decode runs/nemo/sft/hf runs/nemo/cap/hf runs/nemo/dpo/hf
 
 test:  ## lint, every test suite in its stack's venv, the cross-stack conformance matrix, and a break it must catch

@@ -1,4 +1,6 @@
-"""The recipes as NeMo-Run entrypoints under this plugin's namespace: `nemo dllm <stage> --factory <recipe>`.
+"""The recipes as NeMo-Run entrypoints under this plugin's namespace, `nemo dllm <stage> --factory <recipe>`, and as
+factories of NeMo's own `nemo llm pretrain` / `nemo llm finetune` (`--factory dllm_wsd_tiny`, `dllm_sft_tiny`,
+`dllm_cap_tiny`).
 
 NeMo-Run discovers them through the `nemo_run.cli` entry point `dllm = nemo_dllm`, exactly as it discovers NeMo's
 own `nemo llm ...`. Every stage takes one config dataclass; command-line overrides address its fields
@@ -8,9 +10,10 @@ their annotations at run time, so the modules it parses (this one, stages.py, tr
 """
 
 import nemo_run as run
+from nemo.collections import llm
 
 from nemo_dllm import stages
-from nemo_dllm.stages import DPOConfig, MergeConfig, PipelineConfig, SFTConfig, WSDConfig
+from nemo_dllm.stages import DPOConfig, MergeConfig, SFTConfig, WSDConfig
 from nemo_dllm.training import TrainerConfig
 
 
@@ -46,71 +49,93 @@ def merge(config: MergeConfig) -> None:
     stages.merge(config)
 
 
-@run.cli.entrypoint(namespace="dllm", skip_confirmation=True,
-                    help="The whole recipe in one process: wsd_cpt, merge of its best checkpoints, then sft and cap "
-                         "side by side, dpo")
-def pipeline(config: PipelineConfig) -> None:
-    stages.pipeline(config)
-
-
 # Toy-scale recipes for the demo's tiny model and data (runs/demo/ar-base and runs/demo/data/*.jsonl, written by
-# `python -m blockdiff_demo base`); paths are overridable.
+# `python -m blockdiff_demo base`), with the budgets of the README's main job (`make demo`, about 6 minutes on 2 CPU
+# cores with the AR base); paths are overridable. One function per stage, shared by every factory below.
 DEMO_DATA = "runs/demo/data"
+DEMO_TRAINER = dict(lr=1e-3, warmup_steps=3, val_every=15)
+
+
+def tiny_wsd_recipe(init_from: str = "runs/demo/ar-base", out_dir: str = "runs/nemo/wsd_cpt") -> run.Config[WSDConfig]:
+    return run.Config(
+        WSDConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/pretrain.jsonl", seq_len=256, batch_size=8,
+        warmup_tokens=8 * 256 * 16, stable_tokens=8 * 256 * 32, decay_tokens=8 * 256 * 16,
+        trainer=run.Config(TrainerConfig, lr=2e-3, warmup_steps=5, val_every=16, save_top_k=3))
+
+
+def tiny_merge_recipe(run_dir: str = "runs/nemo/wsd_cpt", out_dir: str = "runs/nemo/wsd_merged"
+                      ) -> run.Config[MergeConfig]:
+    return run.Config(MergeConfig, run_dir=run_dir, out_dir=out_dir, top_k=2)
+
+
+def tiny_sft_recipe(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/sft") -> run.Config[SFTConfig]:
+    return run.Config(SFTConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/sft.jsonl", batch_size=8,
+                      trainer=run.Config(TrainerConfig, max_steps=30, **DEMO_TRAINER))
+
+
+def tiny_cap_recipe(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/cap") -> run.Config[SFTConfig]:
+    """CAP from the same start and with the same budget as SFT, so their decoding speed compares CAP with SFT alone."""
+    return run.Config(SFTConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/sft.jsonl", batch_size=8,
+                      confidence_weight=2.0, trainer=run.Config(TrainerConfig, max_steps=30, **DEMO_TRAINER))
+
+
+def tiny_dpo_recipe(init_from: str = "runs/nemo/cap/hf", out_dir: str = "runs/nemo/dpo") -> run.Config[DPOConfig]:
+    return run.Config(DPOConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/preferences.jsonl",
+                      batch_size=4, trainer=run.Config(TrainerConfig, max_steps=20, warmup_steps=2, val_every=5))
 
 
 @run.cli.factory(target=wsd_cpt, name="tiny")
 def tiny_wsd_cpt(init_from: str = "runs/demo/ar-base", out_dir: str = "runs/nemo/wsd_cpt") -> run.Partial:
-    return run.Partial(wsd_cpt, config=run.Config(
-        WSDConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/pretrain.jsonl", seq_len=256, batch_size=8,
-        warmup_tokens=8 * 256 * 40, stable_tokens=8 * 256 * 80, decay_tokens=8 * 256 * 40,
-        trainer=run.Config(TrainerConfig, lr=2e-3, warmup_steps=5, val_every=40)))
-
-
-@run.cli.factory(target=sft, name="tiny")
-def tiny_sft(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/sft") -> run.Partial:
-    return run.Partial(sft, config=run.Config(
-        SFTConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/sft.jsonl", seq_len=256, batch_size=8,
-        trainer=run.Config(TrainerConfig, max_steps=150, lr=1e-3, warmup_steps=5, val_every=50)))
-
-
-@run.cli.factory(target=cap, name="tiny")
-def tiny_cap(init_from: str = "runs/nemo/sft/hf", out_dir: str = "runs/nemo/cap") -> run.Partial:
-    return run.Partial(cap, config=run.Config(
-        SFTConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/sft.jsonl", seq_len=256, batch_size=8,
-        confidence_weight=2.0,
-        trainer=run.Config(TrainerConfig, max_steps=100, lr=5e-4, warmup_steps=5, val_every=50)))
-
-
-@run.cli.factory(target=dpo, name="tiny")
-def tiny_dpo(init_from: str = "runs/nemo/cap/hf", out_dir: str = "runs/nemo/dpo") -> run.Partial:
-    return run.Partial(dpo, config=run.Config(
-        DPOConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/preferences.jsonl", seq_len=256,
-        batch_size=4,
-        trainer=run.Config(TrainerConfig, max_steps=40, warmup_steps=2, val_every=10)))
+    return run.Partial(wsd_cpt, config=tiny_wsd_recipe(init_from, out_dir))
 
 
 @run.cli.factory(target=merge, name="tiny")
 def tiny_merge(run_dir: str = "runs/nemo/wsd_cpt", out_dir: str = "runs/nemo/wsd_merged") -> run.Partial:
-    return run.Partial(merge, config=run.Config(MergeConfig, run_dir=run_dir, out_dir=out_dir, top_k=2))
+    return run.Partial(merge, config=tiny_merge_recipe(run_dir, out_dir))
 
 
-@run.cli.factory(target=pipeline, name="tiny")
-def tiny_pipeline(init_from: str = "runs/demo/ar-base", out_dir: str = "runs/nemo") -> run.Partial:
-    """The README's main job: about 8 minutes on 2 CPU cores after the AR base."""
-    trainer = dict(lr=1e-3, warmup_steps=3, val_every=15)
-    return run.Partial(pipeline, config=run.Config(
-        PipelineConfig,
-        wsd=run.Config(WSDConfig, init_from=init_from, out_dir=f"{out_dir}/wsd_cpt", data=f"{DEMO_DATA}/pretrain.jsonl",
-                       seq_len=256, batch_size=8,
-                       warmup_tokens=8 * 256 * 16, stable_tokens=8 * 256 * 32, decay_tokens=8 * 256 * 16,
-                       trainer=run.Config(TrainerConfig, lr=2e-3, warmup_steps=5, val_every=16, save_top_k=3)),
-        merge=run.Config(MergeConfig, run_dir=f"{out_dir}/wsd_cpt", out_dir=f"{out_dir}/wsd_merged", top_k=2),
-        sft=run.Config(SFTConfig, init_from=f"{out_dir}/wsd_merged", out_dir=f"{out_dir}/sft",
-                       data=f"{DEMO_DATA}/sft.jsonl", batch_size=8,
-                       trainer=run.Config(TrainerConfig, max_steps=30, **trainer)),
-        cap=run.Config(SFTConfig, init_from=f"{out_dir}/wsd_merged", out_dir=f"{out_dir}/cap",
-                       data=f"{DEMO_DATA}/sft.jsonl", batch_size=8,
-                       confidence_weight=2.0, trainer=run.Config(TrainerConfig, max_steps=30, **trainer)),
-        dpo=run.Config(DPOConfig, init_from=f"{out_dir}/cap/hf", out_dir=f"{out_dir}/dpo",
-                       data=f"{DEMO_DATA}/preferences.jsonl", batch_size=4,
-                       trainer=run.Config(TrainerConfig, max_steps=20, warmup_steps=2, val_every=5))))
+@run.cli.factory(target=sft, name="tiny")
+def tiny_sft(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/sft") -> run.Partial:
+    return run.Partial(sft, config=tiny_sft_recipe(init_from, out_dir))
+
+
+@run.cli.factory(target=cap, name="tiny")
+def tiny_cap(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/cap") -> run.Partial:
+    return run.Partial(cap, config=tiny_cap_recipe(init_from, out_dir))
+
+
+@run.cli.factory(target=dpo, name="tiny")
+def tiny_dpo(init_from: str = "runs/nemo/cap/hf", out_dir: str = "runs/nemo/dpo") -> run.Partial:
+    return run.Partial(dpo, config=tiny_dpo_recipe(init_from, out_dir))
+
+
+# The same recipes in NeMo's own namespace: `nemo llm pretrain --factory dllm_wsd_tiny`, `nemo llm finetune --factory
+# dllm_sft_tiny` (or dllm_cap_tiny). NeMo's `llm.pretrain` / `llm.finetune` get the model, data, trainer, log and
+# resume that `nemo_dllm.stages` builds from one recipe config, which the five share: an override such as
+# `model.recipe.seq_len=128` is seen by all of them. DPO and merge have no NeMo verb and stay `nemo dllm dpo|merge`.
+
+def _nemo_llm(train, model, data, trainer, recipe: run.Config) -> run.Partial:
+    return run.Partial(train, model=run.Config(model, recipe=recipe), data=run.Config(data, recipe=recipe),
+                       trainer=run.Config(trainer, recipe=recipe), log=run.Config(stages.stage_log, recipe=recipe),
+                       resume=run.Config(stages.stage_resume, recipe=recipe))
+
+
+@run.cli.factory(target=llm.pretrain, name="dllm_wsd_tiny")
+def dllm_wsd_tiny(init_from: str = "runs/demo/ar-base", out_dir: str = "runs/nemo/wsd_cpt") -> run.Partial:
+    """LLaDA2.0's Warmup-Stable-Decay conversion of the demo's AR model to block diffusion."""
+    return _nemo_llm(llm.pretrain, stages.wsd_model, stages.wsd_data, stages.wsd_trainer,
+                     tiny_wsd_recipe(init_from, out_dir))
+
+
+@run.cli.factory(target=llm.finetune, name="dllm_sft_tiny")
+def dllm_sft_tiny(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/sft") -> run.Partial:
+    """Block-diffusion SFT with a mask-ratio band and complementary masking."""
+    return _nemo_llm(llm.finetune, stages.response_model, stages.response_data, stages.response_trainer,
+                     tiny_sft_recipe(init_from, out_dir))
+
+
+@run.cli.factory(target=llm.finetune, name="dllm_cap_tiny")
+def dllm_cap_tiny(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/cap") -> run.Partial:
+    """Confidence-aware SFT (CAP, lambda 2), from the same start as dllm_sft_tiny."""
+    return _nemo_llm(llm.finetune, stages.response_model, stages.response_data, stages.response_trainer,
+                     tiny_cap_recipe(init_from, out_dir))

@@ -131,6 +131,7 @@ class RecipeData(L.LightningDataModule):
         self.train, self.val, self.collate, self.val_collate = train, val, collate, val_collate
         # the attributes NeMo's data modules carry, which NeMo's callbacks read
         self.seq_length, self.micro_batch_size, self.global_batch_size = seq_len, micro_batch_size, global_batch_size
+        self.tokenizer = None  # llm.pretrain hands the data's tokenizer to the model; the batches are token ids already
         self.data_sampler = MegatronDataSampler(seq_len=seq_len, micro_batch_size=micro_batch_size,
                                                 global_batch_size=global_batch_size, dataloader_type="single")
 

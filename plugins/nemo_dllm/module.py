@@ -134,16 +134,19 @@ class BlockDiffusionModule(L.LightningModule, io.IOMixin):
 
     `init_from` is the HF directory the weights start from; `reference_from`, when given, is loaded as a frozen
     reference (DPO). `config` is megatron-core's TransformerConfig, into which the strategy writes the parallel sizes.
-    `flex_attention`: the attention takes the core's FlexAttention block mask instead of the dense mask.
+    `seq_len`: the recipe's sequence length. `flex_attention`: the attention takes the core's FlexAttention block
+    mask instead of the dense mask.
     """
 
-    def __init__(self, init_from: str, objective, optim: MegatronOptimizerModule,
+    def __init__(self, init_from: str, objective, optim: MegatronOptimizerModule, seq_len: int,
                  reference_from: str | None = None, flex_attention: bool = False) -> None:
         super().__init__()
         self.init_from, self.reference_from, self.objective = str(init_from), reference_from, objective
         self.flex_attention = flex_attention
+        self.tokenizer = None  # llm.finetune hands the model's tokenizer to the data; the batches are token ids already
         self.hf_config = read_config(init_from)
         self.config = megatron_model.transformer_config(self.hf_config)
+        self.config.seq_length = seq_len  # NeMo's llm.pretrain/finetune check it (against 2 x CP among others)
         self.optim = optim
         self.optim.connect(self)
         self._reference: list = []  # a list keeps the frozen model out of the parameters DDP and the optimizer see

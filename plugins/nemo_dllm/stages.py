@@ -1,9 +1,10 @@
 """The recipe stages of LLaDA2.0 on Megatron: `wsd_cpt` (AR -> block diffusion), `sft` (and CAP), `dpo`, `merge`.
 
-Each stage reads a Hugging Face directory and trains it inside NeMo's trainer (`nemo_dllm.training.fit`: NeMo's
-Megatron strategy, distributed checkpoints kept by validation loss, resume) as a `module.BlockDiffusionModule` on a
-`datamodule.RecipeData`, and ends with a Hugging Face directory `<out_dir>/hf` that the next stage and the serving
-plugins load. Every configuration error is raised before the model is built.
+Each training stage reads a Hugging Face directory and trains it inside NeMo's trainer: NeMo's `llm.pretrain`
+(wsd_cpt) or `llm.finetune` (sft, cap, dpo) on a `module.BlockDiffusionModule`, a `datamodule.RecipeData`, NeMo's
+trainer with Megatron's strategy, distributed checkpoints kept by validation loss and resume (`nemo_dllm.training`).
+It ends with a Hugging Face directory `<out_dir>/hf` that the next stage and the serving plugins load. Every
+configuration error is raised before the model is built.
 """
 
 import json
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch.distributed as dist
+from nemo import lightning as nl
+from nemo.collections import llm
 
 from blockdiff.merge import merge_checkpoints, select_top_k
 from blockdiff.models import BlockDiffusionSettings, load_model, read_config, save_weights, with_block_diffusion
@@ -20,10 +23,10 @@ from blockdiff.noise import MaskBand
 from blockdiff.objectives import ReferenceForward, heldout_accuracy
 from blockdiff.schedules import WSDSchedule
 from blockdiff.text import EOS, MASK, load_tokenizer, special_id
-from nemo_dllm import data, megatron_model, parallel
+from nemo_dllm import data, megatron_model, parallel, training
 from nemo_dllm.datamodule import Cycled, PretrainCollate, RecipeData, ResponseCollate, Shuffled
 from nemo_dllm.module import BlockDiffusionModule, DPOObjective, PretrainObjective, SFTObjective, megatron_optimizer
-from nemo_dllm.training import TrainerConfig, fit
+from nemo_dllm.training import AtFitEnd, MetricsLog, TrainerConfig, read_metrics
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -89,19 +92,6 @@ class MergeConfig:
     higher_is_better: bool = False
 
 
-@dataclass
-class PipelineConfig:
-    """Every stage of the recipe: `wsd`, then `merge` of its best checkpoints by validation loss (the paper's top-k
-    merge before post-training); `sft` and `cap` both start from the merged model with equal budgets, so their
-    decoding speed compares CAP against SFT alone; `dpo` continues from `cap`, against `cap`'s start as reference."""
-
-    wsd: WSDConfig
-    merge: MergeConfig
-    sft: SFTConfig
-    cap: SFTConfig
-    dpo: DPOConfig
-
-
 def _check_seq_len(seq_len: int, block: int) -> None:
     if seq_len % block:
         raise ValueError(f"seq_len {seq_len} is not divisible by the block size {block}")
@@ -141,17 +131,24 @@ def _hf_exporter(hf_cfg: dict, tokenizer_dir: str):
     return export
 
 
-def _finish(module: BlockDiffusionModule, cfg: dict, tokenizer_dir: str, out_dir: Path, records: list[dict],
-            summary: dict, evaluate: Callable[[Path], dict] | None = None) -> Path:
-    """Export the trained model and write `summary.json`, with what `evaluate(hf_dir)` measures on the exported model
-    (rank 0, the core's reference model: the same on any parallel layout)."""
-    hf = export_hf(module.gpt_model(), cfg, tokenizer_dir, out_dir / "hf", {"final_lr": records[-1]["lr"], **summary})
-    layout = parallel.layout()
-    if dist.get_rank() == 0:
-        summary = {**summary, "parallel": layout, **(evaluate(hf) if evaluate else {})}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    dist.barrier()
-    return hf
+def _finisher(recipe, hf_cfg: dict, stage: str, evaluate: Callable[[Path], dict] | None = None):
+    """The end of a stage: export the trained model to `<out_dir>/hf` and write `summary.json` with the parallel
+    layout it ran and what `evaluate(hf_dir)` measures on the exported model (rank 0, the core's reference model:
+    the same on any parallel layout)."""
+    out_dir = Path(recipe.out_dir)
+
+    def finish(module: BlockDiffusionModule) -> None:
+        summary = {"stage": stage, "config": asdict(recipe)}
+        records = read_metrics(out_dir / "metrics.jsonl")
+        hf = export_hf(module.gpt_model(), hf_cfg, recipe.init_from, out_dir / "hf",
+                       {"final_lr": records[-1]["lr"] if records else None, **summary})
+        layout = parallel.layout()
+        if dist.get_rank() == 0:
+            summary = {**summary, "parallel": layout, **(evaluate(hf) if evaluate else {})}
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        dist.barrier()
+
+    return finish
 
 
 def _optimizer(trainer: TrainerConfig):
@@ -159,44 +156,91 @@ def _optimizer(trainer: TrainerConfig):
                               trainer.max_steps, trainer.min_lr_ratio)
 
 
-def wsd_cpt(cfg: WSDConfig) -> Path:
-    """Warmup-Stable-Decay conversion of an AR checkpoint into a block-diffusion model."""
-    schedule = cfg.schedule()  # raises on a sequence length the block sizes do not divide
-    cfg.trainer.check_rows_split(cfg.seq_len, "seq_len (MDLM rows; BDLM rows are twice as long)")
-    micro = cfg.trainer.micro_batch(cfg.batch_size)
-    band = MaskBand(*cfg.mask_band)
-    tok = load_tokenizer(cfg.init_from)
-    mask_id, eos = special_id(tok, MASK), special_id(tok, EOS)
-    ids, doc_ids, val_ids, val_doc = data.pretraining_rows(cfg.data, tok, cfg.seq_len)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    trainer = replace(cfg.trainer, max_steps=schedule.total_steps(tokens_per_step))
-    seed = trainer.seed
-    train_collate = PretrainCollate(schedule, cfg.batch_size, tokens_per_step, mask_id, band, seed)
-    val_collate = replace(train_collate, fixed_block=cfg.final_block)
-    datamodule = RecipeData(Shuffled(list(zip(ids, doc_ids)), trainer.max_steps * cfg.batch_size, seed),
-                            Cycled(list(zip(val_ids, val_doc)), cfg.batch_size), train_collate, val_collate,
-                            cfg.seq_len, micro, cfg.batch_size)
+def _run(train: Callable, recipe, model, data, trainer) -> Path:
+    """Train one stage through NeMo's `train` (`llm.pretrain` or `llm.finetune`); its HF export."""
+    training.run(train, model=model, data=data, trainer=trainer, log=stage_log(recipe), resume=stage_resume(recipe))
+    return Path(recipe.out_dir) / "hf"
+
+
+# Each stage is NeMo's model, data, trainer, log and resume, each built from the stage's recipe by one function below,
+# so `nemo llm pretrain|finetune --factory dllm_...` (NeMo-Run builds them from `run.Config`s of these functions, see
+# `nemo_dllm.cli`) and the `nemo dllm` stages run the very same objects. Each function checks what it needs before
+# anything is built, so a bad recipe fails before training.
+
+def stage_resume(recipe) -> nl.AutoResume:
+    return training.resume(Path(recipe.out_dir))
+
+
+def stage_log(recipe) -> nl.NeMoLogger:
+    """NeMo's logger with checkpoints kept by validation loss, each exported to HF with the stage's output config."""
+    hf_cfg = _wsd_output_config(recipe) if isinstance(recipe, WSDConfig) else read_config(recipe.init_from)
+    return training.logger(Path(recipe.out_dir), recipe.trainer.save_top_k, _hf_exporter(hf_cfg, recipe.init_from))
+
+
+def _wsd_trainer_config(recipe: WSDConfig) -> TrainerConfig:
+    """The recipe's trainer settings with the number of steps its token budgets make (raises on a sequence length
+    the block sizes or the context-parallel ranks do not divide, and on a batch the layout does not fit)."""
+    schedule = recipe.schedule()
+    recipe.trainer.check_rows_split(recipe.seq_len, "seq_len (MDLM rows; BDLM rows are twice as long)")
+    recipe.trainer.micro_batch(recipe.batch_size)
+    return replace(recipe.trainer, max_steps=schedule.total_steps(recipe.batch_size * recipe.seq_len))
+
+
+def _wsd_output_config(recipe: WSDConfig) -> dict:
+    """The AR model's HF config with the block-diffusion settings the converted model is served with."""
+    tok = load_tokenizer(recipe.init_from)
+    settings = BlockDiffusionSettings(mask_token_id=special_id(tok, MASK), eos_token_ids=(special_id(tok, EOS),),
+                                      block_size=recipe.final_block, threshold=recipe.threshold)
+    return with_block_diffusion(read_config(recipe.init_from), settings)
+
+
+def wsd_model(recipe: WSDConfig) -> BlockDiffusionModule:
+    trainer = _wsd_trainer_config(recipe)
+    return BlockDiffusionModule(recipe.init_from, PretrainObjective(recipe.embed_noise_std, recipe.embed_noise_steps),
+                                _optimizer(trainer), recipe.seq_len, flex_attention=trainer.attention == "flex")
+
+
+def wsd_data(recipe: WSDConfig) -> RecipeData:
+    """Packed rows of the recipe's documents (every 20th held out), WSD's block size by the global step."""
+    trainer = _wsd_trainer_config(recipe)
+    micro = trainer.micro_batch(recipe.batch_size)
+    tok = load_tokenizer(recipe.init_from)
+    ids, doc_ids, val_ids, val_doc = data.pretraining_rows(recipe.data, tok, recipe.seq_len)
+    train_collate = PretrainCollate(recipe.schedule(), recipe.batch_size, recipe.batch_size * recipe.seq_len,
+                                    special_id(tok, MASK), MaskBand(*recipe.mask_band), trainer.seed)
+    val_collate = replace(train_collate, fixed_block=recipe.final_block)
+    return RecipeData(Shuffled(list(zip(ids, doc_ids)), trainer.max_steps * recipe.batch_size, trainer.seed),
+                      Cycled(list(zip(val_ids, val_doc)), recipe.batch_size), train_collate, val_collate,
+                      recipe.seq_len, micro, recipe.batch_size)
+
+
+def wsd_trainer(recipe: WSDConfig) -> nl.Trainer:
+    """NeMo's trainer for the WSD run: metrics with each step's phase and block size; at the end the HF export and
+    the held-out masked-token accuracy of the exported model."""
+    trainer = _wsd_trainer_config(recipe)
+    schedule, tokens_per_step = recipe.schedule(), recipe.batch_size * recipe.seq_len
 
     def phase_of(step: int) -> dict:
         phase = schedule.phase_at(step, tokens_per_step)
         return {"phase": phase.name, "block_size": phase.block_size}
 
-    hf_cfg = read_config(cfg.init_from)
-    settings = BlockDiffusionSettings(mask_token_id=mask_id, eos_token_ids=(eos,), block_size=cfg.final_block,
-                                      threshold=cfg.threshold)
-    out_cfg = with_block_diffusion(hf_cfg, settings)
-    module = BlockDiffusionModule(cfg.init_from, PretrainObjective(cfg.embed_noise_std, cfg.embed_noise_steps),
-                                  _optimizer(trainer), flex_attention=trainer.attention == "flex")
-    records = fit(trainer, module, datamodule, Path(cfg.out_dir), _hf_exporter(out_cfg, cfg.init_from), phase_of)
-
     def accuracy(hf: Path) -> dict:
+        tok = load_tokenizer(recipe.init_from)
+        _, _, val_ids, val_doc = data.pretraining_rows(recipe.data, tok, recipe.seq_len)
         model, _ = load_model(hf)
         return {"masked_token_accuracy": heldout_accuracy(ReferenceForward(model), val_ids[:16], val_doc[:16],
-                                                          cfg.final_block, mask_id),
+                                                          recipe.final_block, special_id(tok, MASK)),
                 "chance": 1 / tok.get_vocab_size()}
 
-    return _finish(module, out_cfg, cfg.init_from, Path(cfg.out_dir), records,
-                   {"stage": "wsd_cpt", "config": asdict(cfg)}, accuracy)
+    finish = _finisher(recipe, _wsd_output_config(recipe), "wsd_cpt", accuracy)
+    return training.trainer(trainer, recipe.batch_size, [MetricsLog(Path(recipe.out_dir), phase_of),
+                                                         AtFitEnd(finish)])
+
+
+def wsd_cpt(cfg: WSDConfig) -> Path:
+    """Warmup-Stable-Decay conversion of an AR checkpoint into a block-diffusion model (NeMo's `llm.pretrain`)."""
+    data_module = wsd_data(cfg)  # first: it checks the layout before reading the data
+    return _run(llm.pretrain, cfg, wsd_model(cfg), data_module, wsd_trainer(cfg))
 
 
 def _split_held_out(items: list, source: str, seq_len: int, block: int) -> tuple[list, list]:
@@ -206,15 +250,6 @@ def _split_held_out(items: list, source: str, seq_len: int, block: int) -> tuple
         raise data.DataError(f"{source}: fewer than 2 examples with a prompt shorter than seq_len - block_size")
     cut = max(1, len(items) // 20)
     return items[-cut:], items[:-cut]
-
-
-def _response_data(items: list, source: str, seq_len: int, batch_size: int, micro_batch_size: int,
-                   trainer: TrainerConfig, settings: BlockDiffusionSettings, band: MaskBand) -> RecipeData:
-    held_out, train = _split_held_out(items, source, seq_len, settings.block_size)
-    collate = ResponseCollate(seq_len, settings.block_size, settings.eos_token_ids[0], settings.mask_token_id, band,
-                              trainer.seed)
-    return RecipeData(Shuffled(train, trainer.max_steps * batch_size, trainer.seed), Cycled(held_out, batch_size),
-                      collate, collate, seq_len, micro_batch_size, batch_size)
 
 
 def _block_diffusion_config(init_from: str, seq_len: int, trainer: TrainerConfig
@@ -228,45 +263,70 @@ def _block_diffusion_config(init_from: str, seq_len: int, trainer: TrainerConfig
     return hf_cfg, settings
 
 
+def _response_trainer_config(recipe) -> TrainerConfig:
+    """The trainer settings of an SFT, CAP or DPO recipe, checked; DPO's learning rate defaults to the one the SFT run
+    ended with."""
+    if isinstance(recipe, SFTConfig) and recipe.confidence_weight < 0:
+        raise ValueError(f"confidence_weight must be >= 0, got {recipe.confidence_weight}")
+    if isinstance(recipe, DPOConfig) and recipe.trainer.pipeline_parallel > 1:
+        raise ValueError(f"dpo: trainer.pipeline_parallel must be 1, got {recipe.trainer.pipeline_parallel} (the "
+                         "frozen reference model is not pipelined)")
+    _block_diffusion_config(recipe.init_from, recipe.seq_len, recipe.trainer)
+    recipe.trainer.micro_batch(recipe.batch_size)
+    if isinstance(recipe, SFTConfig):
+        return recipe.trainer
+    if recipe.lr is not None:
+        return replace(recipe.trainer, lr=recipe.lr)
+    state = Path(recipe.init_from) / "training_state.json"
+    if not state.exists():
+        raise ValueError(f"dpo.lr is not set and {state} (the SFT run's final learning rate) does not exist")
+    return replace(recipe.trainer, lr=json.loads(state.read_text())["final_lr"])
+
+
+def response_model(recipe: SFTConfig | DPOConfig) -> BlockDiffusionModule:
+    """SFT (CAP when `confidence_weight` > 0) or DPO, by the recipe's type."""
+    trainer = _response_trainer_config(recipe)
+    flex = trainer.attention == "flex"
+    if isinstance(recipe, DPOConfig):
+        return BlockDiffusionModule(recipe.init_from, DPOObjective(recipe.beta), _optimizer(trainer), recipe.seq_len,
+                                    reference_from=recipe.reference_from or recipe.init_from, flex_attention=flex)
+    return BlockDiffusionModule(recipe.init_from, SFTObjective(recipe.confidence_weight, recipe.complementary),
+                                _optimizer(trainer), recipe.seq_len, flex_attention=flex)
+
+
+def response_data(recipe: SFTConfig | DPOConfig) -> RecipeData:
+    """(prompt, response) pairs for SFT/CAP, (prompt, chosen, rejected) for DPO; the last 5% held out."""
+    trainer = _response_trainer_config(recipe)
+    _, settings = _block_diffusion_config(recipe.init_from, recipe.seq_len, trainer)
+    tok = load_tokenizer(recipe.init_from)
+    read = data.preference_examples if isinstance(recipe, DPOConfig) else data.sft_examples
+    held_out, train = _split_held_out(read(recipe.data, tok), recipe.data, recipe.seq_len, settings.block_size)
+    collate = ResponseCollate(recipe.seq_len, settings.block_size, settings.eos_token_ids[0], settings.mask_token_id,
+                              MaskBand(*recipe.mask_band), trainer.seed)
+    return RecipeData(Shuffled(train, trainer.max_steps * recipe.batch_size, trainer.seed),
+                      Cycled(held_out, recipe.batch_size), collate, collate, recipe.seq_len,
+                      trainer.micro_batch(recipe.batch_size), recipe.batch_size)
+
+
+def response_trainer(recipe: SFTConfig | DPOConfig) -> nl.Trainer:
+    trainer = _response_trainer_config(recipe)
+    stage = "dpo" if isinstance(recipe, DPOConfig) else "cap" if recipe.confidence_weight > 0 else "sft"
+    finish = _finisher(recipe, read_config(recipe.init_from), stage)
+    return training.trainer(trainer, recipe.batch_size, [MetricsLog(Path(recipe.out_dir)), AtFitEnd(finish)])
+
+
 def sft(cfg: SFTConfig) -> Path:
     """Prompt-conditioned block-diffusion SFT (Eq. 5) with a mask-ratio band and complementary masking; CAP (Eq. 6)
-    when `confidence_weight` > 0."""
-    if cfg.confidence_weight < 0:
-        raise ValueError(f"confidence_weight must be >= 0, got {cfg.confidence_weight}")
-    hf_cfg, settings = _block_diffusion_config(cfg.init_from, cfg.seq_len, cfg.trainer)
-    micro = cfg.trainer.micro_batch(cfg.batch_size)
-    tok = load_tokenizer(cfg.init_from)
-    datamodule = _response_data(data.sft_examples(cfg.data, tok), cfg.data, cfg.seq_len, cfg.batch_size, micro,
-                                cfg.trainer, settings, MaskBand(*cfg.mask_band))
-    module = BlockDiffusionModule(cfg.init_from, SFTObjective(cfg.confidence_weight, cfg.complementary),
-                                  _optimizer(cfg.trainer), flex_attention=cfg.trainer.attention == "flex")
-    records = fit(cfg.trainer, module, datamodule, Path(cfg.out_dir), _hf_exporter(hf_cfg, cfg.init_from))
-    stage = "cap" if cfg.confidence_weight > 0 else "sft"
-    return _finish(module, hf_cfg, cfg.init_from, Path(cfg.out_dir), records, {"stage": stage, "config": asdict(cfg)})
+    when `confidence_weight` > 0 (NeMo's `llm.finetune`)."""
+    data_module = response_data(cfg)
+    return _run(llm.finetune, cfg, response_model(cfg), data_module, response_trainer(cfg))
 
 
 def dpo(cfg: DPOConfig) -> Path:
-    """DPO on the ELBO (Eq. 7-8) against a frozen reference (by default the starting, post-SFT model)."""
-    if cfg.trainer.pipeline_parallel > 1:
-        raise ValueError(f"dpo: trainer.pipeline_parallel must be 1, got {cfg.trainer.pipeline_parallel} (the frozen "
-                         "reference model is not pipelined)")
-    hf_cfg, settings = _block_diffusion_config(cfg.init_from, cfg.seq_len, cfg.trainer)
-    micro = cfg.trainer.micro_batch(cfg.batch_size)
-    lr = cfg.lr
-    if lr is None:
-        state = Path(cfg.init_from) / "training_state.json"
-        if not state.exists():
-            raise ValueError(f"dpo.lr is not set and {state} (the SFT run's final learning rate) does not exist")
-        lr = json.loads(state.read_text())["final_lr"]
-    trainer = replace(cfg.trainer, lr=lr)
-    tok = load_tokenizer(cfg.init_from)
-    datamodule = _response_data(data.preference_examples(cfg.data, tok), cfg.data, cfg.seq_len, cfg.batch_size,
-                                micro, trainer, settings, MaskBand(*cfg.mask_band))
-    module = BlockDiffusionModule(cfg.init_from, DPOObjective(cfg.beta), _optimizer(trainer),
-                                  reference_from=cfg.reference_from or cfg.init_from,
-                                  flex_attention=trainer.attention == "flex")
-    records = fit(trainer, module, datamodule, Path(cfg.out_dir), _hf_exporter(hf_cfg, cfg.init_from))
-    return _finish(module, hf_cfg, cfg.init_from, Path(cfg.out_dir), records, {"stage": "dpo", "config": asdict(cfg)})
+    """DPO on the ELBO (Eq. 7-8) against a frozen reference (by default the starting, post-SFT model), through NeMo's
+    `llm.finetune`."""
+    data_module = response_data(cfg)
+    return _run(llm.finetune, cfg, response_model(cfg), data_module, response_trainer(cfg))
 
 
 def merge(cfg: MergeConfig) -> Path:
@@ -286,15 +346,3 @@ def merge(cfg: MergeConfig) -> Path:
     out = merge_checkpoints(best, Path(cfg.out_dir))
     (out / "merge.json").write_text(json.dumps({"merged": [str(p) for p in best], **asdict(cfg)}, indent=1) + "\n")
     return out
-
-
-def pipeline(cfg: PipelineConfig) -> Path:
-    if cfg.cap.confidence_weight <= 0:
-        raise ValueError(f"pipeline.cap.confidence_weight must be > 0, got {cfg.cap.confidence_weight}")
-    wsd_cpt(cfg.wsd)
-    if dist.get_rank() == 0:
-        merge(cfg.merge)
-    dist.barrier()
-    sft(cfg.sft)
-    sft(cfg.cap)
-    return dpo(cfg.dpo)

@@ -1,6 +1,7 @@
-"""How every recipe stage trains: NeMo's `llm.train` with `nl.Trainer` and `nl.MegatronStrategy` (Megatron's DDP,
-optimizer, micro-batches and parallel layout), NeMo's distributed checkpoints kept by validation loss, and resume from
-the last one when the same command runs again.
+"""How every recipe stage trains: NeMo's `llm.pretrain` / `llm.finetune` with `nl.Trainer` and `nl.MegatronStrategy`
+(Megatron's DDP, optimizer, micro-batches and parallel layout), NeMo's distributed checkpoints kept by validation loss,
+and resume from the last one when the same command runs again. This module builds those NeMo objects; `stages`
+composes them per stage.
 
 Exact resume rests on the data modules (`nemo_dllm.datamodule`): a sample and its noise are functions of their index,
 and NeMo's sampler restarts at the samples the checkpoint had consumed, so a run killed and resumed replays the
@@ -17,7 +18,6 @@ import lightning.pytorch as L
 import torch
 import torch.distributed as dist
 from nemo import lightning as nl
-from nemo.collections import llm
 from nemo.lightning.ckpt_utils import ckpt_to_dir
 
 from nemo_dllm import cpu_compat
@@ -164,47 +164,67 @@ class CheckpointWithHF(nl.ModelCheckpoint):
             (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def fit(cfg: TrainerConfig, module: L.LightningModule, datamodule: L.LightningDataModule, out_dir: Path,
-        export_hf: Callable[[L.LightningModule, Path], None], extra_metrics: Callable[[int], dict] | None = None
-        ) -> list[dict]:
-    """Train `module` on `datamodule` for cfg.max_steps with NeMo's `llm.train`: validate and checkpoint every
-    cfg.val_every steps into `<out_dir>/checkpoints`, resume from there when run again. Returns the metric records
-    of every step."""
-    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+class AtFitEnd(L.Callback):
+    """Runs `finish(module)` when training is over, also when a resumed run found nothing left to train (Lightning
+    then skips its train-end hooks, not this one): the stage's export and summary."""
 
+    def __init__(self, finish: Callable[[L.LightningModule], None]) -> None:
+        self.finish = finish
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.finish(pl_module)
+
+
+def trainer(cfg: TrainerConfig, global_batch_size: int, callbacks: list[L.Callback]) -> nl.Trainer:
+    """NeMo's trainer with Megatron's strategy in `cfg`'s layout, for `cfg.max_steps`, validating every
+    `cfg.val_every` steps (one global batch: Lightning counts validation batches as NeMo's data step pulls them, one
+    per micro-batch)."""
     cpu_compat.apply()
-    destroy_num_microbatches_calculator()  # NeMo keeps one per process; a previous stage's may have another batch size
-    out_dir = Path(out_dir)
     strategy = nl.MegatronStrategy(
         tensor_model_parallel_size=cfg.tensor_parallel, pipeline_model_parallel_size=cfg.pipeline_parallel,
         context_parallel_size=cfg.context_parallel,
         ckpt_async_save=False,  # the async writer needs CUDA
         ckpt_load_optimizer=True, ckpt_save_optimizer=True,
     )
-    checkpoint = CheckpointWithHF(export_hf, dirpath=str(out_dir / "checkpoints"), monitor="val_loss", mode="min",
-                                  save_top_k=cfg.save_top_k, save_last=True,
-                                  filename="{val_loss:.4f}-{step}-{consumed_samples}",
-                                  save_optim_on_train_end=True)  # else a finished run could not be resumed
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    # Lightning counts validation batches as NeMo's data step pulls them, one per micro-batch: one global batch
-    micro_batches = datamodule.global_batch_size // (datamodule.micro_batch_size * cfg.data_parallel())
-    trainer = nl.Trainer(
+    micro_batches = global_batch_size // (cfg.micro_batch(global_batch_size) * cfg.data_parallel())
+    return nl.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=local,
         num_nodes=max(1, cfg.world_size() // local), strategy=strategy, max_steps=cfg.max_steps,
         val_check_interval=min(cfg.val_every, cfg.max_steps), limit_val_batches=micro_batches,
         num_sanity_val_steps=0, log_every_n_steps=1, enable_progress_bar=False,
-        plugins=nl.MegatronMixedPrecision(precision="32"), callbacks=[MetricsLog(out_dir, extra_metrics)],
+        plugins=nl.MegatronMixedPrecision(precision="32"), callbacks=callbacks,
     )
-    # NeMo's logger moves every file of its log directory into run_N/ when a run starts: its own folder keeps it
-    # away from this stage's metrics and outputs
+
+
+def logger(out_dir: Path, save_top_k: int, export_hf: Callable[[L.LightningModule, Path], None]) -> nl.NeMoLogger:
+    """NeMo's logger in `<out_dir>/logs` (it moves every file already in its directory into `run_N/` when a run
+    starts: its own folder keeps it away from the stage's metrics and outputs) with the checkpoints in
+    `<out_dir>/checkpoints`: validated every `val_every` steps, the best `save_top_k` kept, each exported to HF."""
+    checkpoint = CheckpointWithHF(export_hf, dirpath=str(Path(out_dir) / "checkpoints"), monitor="val_loss",
+                                  mode="min", save_top_k=save_top_k, save_last=True,
+                                  filename="{val_loss:.4f}-{step}-{consumed_samples}",
+                                  save_optim_on_train_end=True)  # else a finished run could not be resumed
+    return nl.NeMoLogger(explicit_log_dir=str(Path(out_dir) / "logs"), ckpt=checkpoint, use_datetime_version=False)
+
+
+def resume(out_dir: Path) -> nl.AutoResume:
+    """Resume from the newest complete checkpoint in `<out_dir>/checkpoints` when there is one."""
+    return nl.AutoResume(resume_if_exists=True, resume_ignore_no_checkpoint=True,
+                         resume_from_directory=str(Path(out_dir) / "checkpoints"))
+
+
+def run(train: Callable, **parts) -> None:
+    """One stage in this process: `train` is NeMo's `llm.pretrain` or `llm.finetune`, `parts` its model, data,
+    trainer, log and resume. Other stages may have run in this process before (the recipe's pipeline)."""
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
+    cpu_compat.apply()
+    destroy_num_microbatches_calculator()  # NeMo keeps one per process; a previous stage's may have another batch size
     rendezvous = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    llm.train(module, datamodule, trainer,
-              log=nl.NeMoLogger(explicit_log_dir=str(out_dir / "logs"), ckpt=checkpoint, use_datetime_version=False),
-              resume=nl.AutoResume(resume_if_exists=True, resume_ignore_no_checkpoint=True,
-                                   resume_from_directory=str(out_dir / "checkpoints")))
+    train(**parts)
     for key, value in rendezvous.items():  # Lightning exports the port it chose; a child process must not inherit it
         if value is None:
             os.environ.pop(key, None)
     if dist.is_initialized():
         dist.barrier()
-    return read_metrics(out_dir / "metrics.jsonl")

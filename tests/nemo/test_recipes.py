@@ -226,6 +226,32 @@ def test_cli_runs_a_yaml_recipe(ar_base, tmp_path):
     assert json.loads((tmp_path / "w" / "summary.json").read_text())["stage"] == "wsd_cpt"
 
 
+@pytest.mark.slow
+def test_nemo_llm_pretrain_and_finetune_list_and_run_the_recipes(ar_base, tmp_path):
+    """NeMo's own verbs list this plugin's factories and run them: `nemo llm pretrain --factory dllm_wsd_tiny`, then
+    `nemo llm finetune --factory dllm_sft_tiny` from its output. Overrides go to the recipe the five parts share
+    (run in an empty folder: a part that ignored `model.recipe.data` would not find the demo's default data)."""
+    for verb, names in (("pretrain", ["dllm_wsd_tiny"]), ("finetune", ["dllm_sft_tiny", "dllm_cap_tiny"])):
+        listing = subprocess.run([str(NEMO), "llm", verb, "--help"], capture_output=True, text=True, timeout=300)
+        assert listing.returncode == 0 and all(n in listing.stdout for n in names), listing.stdout[-2000:]
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text("".join(json.dumps({"prompt": f"def add_{i}(x):", "response": f"    return x + {i}"}) + "\n"
+                                for i in range(40)))
+    small = ["model.recipe.seq_len=64", "model.recipe.batch_size=2", "--direct", "--yes"]
+    runs = [["pretrain", "--factory", "dllm_wsd_tiny", f"model.recipe.init_from={ar_base}",
+             f"model.recipe.out_dir={tmp_path / 'w'}", f"model.recipe.data={_corpus(tmp_path)}",
+             "model.recipe.warmup_tokens=128", "model.recipe.stable_tokens=128", "model.recipe.decay_tokens=128"],
+            ["finetune", "--factory", "dllm_sft_tiny", f"model.recipe.init_from={tmp_path / 'w' / 'hf'}",
+             f"model.recipe.out_dir={tmp_path / 's'}", f"model.recipe.data={sft_data}",
+             "model.recipe.trainer.max_steps=2", "model.recipe.trainer.val_every=2"]]
+    for args, out, stage in zip(runs, ("w", "s"), ("wsd_cpt", "sft")):
+        done = subprocess.run([str(NEMO), "llm", *args, *small], capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        assert json.loads((tmp_path / out / "summary.json").read_text())["stage"] == stage
+        assert (tmp_path / out / "hf" / "model.safetensors").exists()
+
+
 def test_response_batch_pads_each_row_to_its_block_and_fences_off_batch_padding():
     from nemo_dllm.data import response_batch
 
