@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 from nemo import lightning as nl
 from nemo.collections import llm
@@ -131,10 +132,10 @@ def _hf_exporter(hf_cfg: dict, tokenizer_dir: str):
     return export
 
 
-def _finisher(recipe, hf_cfg: dict, stage: str, evaluate: Callable[[Path], dict] | None = None):
+def _finisher(recipe, hf_cfg: dict, stage: str, evaluate: Callable[[Path, RecipeData], dict] | None = None):
     """The end of a stage: export the trained model to `<out_dir>/hf` and write `summary.json` with the parallel
-    layout it ran and what `evaluate(hf_dir)` measures on the exported model (rank 0, the core's reference model:
-    the same on any parallel layout)."""
+    layout it ran and what `evaluate(hf_dir, data)` measures on the exported model with the stage's data module
+    (rank 0, the core's reference model: the same on any parallel layout)."""
     out_dir = Path(recipe.out_dir)
 
     def finish(module: BlockDiffusionModule) -> None:
@@ -144,7 +145,8 @@ def _finisher(recipe, hf_cfg: dict, stage: str, evaluate: Callable[[Path], dict]
                        {"final_lr": records[-1]["lr"] if records else None, **summary})
         layout = parallel.layout()
         if dist.get_rank() == 0:
-            summary = {**summary, "parallel": layout, **(evaluate(hf) if evaluate else {})}
+            summary = {**summary, "parallel": layout,
+                       **(evaluate(hf, module.trainer.datamodule) if evaluate else {})}
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         dist.barrier()
 
@@ -224,12 +226,14 @@ def wsd_trainer(recipe: WSDConfig) -> nl.Trainer:
         phase = schedule.phase_at(step, tokens_per_step)
         return {"phase": phase.name, "block_size": phase.block_size}
 
-    def accuracy(hf: Path) -> dict:
+    def accuracy(hf: Path, data_module: RecipeData) -> dict:
+        """On the first 16 held-out rows the run validated on (not read and tokenized again)."""
+        rows = data_module.val.items[:16]
         tok = load_tokenizer(recipe.init_from)
-        _, _, val_ids, val_doc = data.pretraining_rows(recipe.data, tok, recipe.seq_len)
         model, _ = load_model(hf)
-        return {"masked_token_accuracy": heldout_accuracy(ReferenceForward(model), val_ids[:16], val_doc[:16],
-                                                          recipe.final_block, special_id(tok, MASK)),
+        return {"masked_token_accuracy": heldout_accuracy(ReferenceForward(model), torch.stack([i for i, _ in rows]),
+                                                          torch.stack([d for _, d in rows]), recipe.final_block,
+                                                          special_id(tok, MASK)),
                 "chance": 1 / tok.get_vocab_size()}
 
     finish = _finisher(recipe, _wsd_output_config(recipe), "wsd_cpt", accuracy)
