@@ -5,7 +5,7 @@ CORE = $$($(PYTHON) tools/envs.py --path core)
 NEMO = $$(dirname $$($(PYTHON) tools/envs.py --path nemo))/nemo
 
 .PHONY: demo test conformance envs
-demo:  ## the main job: tiny AR base -> NeMo recipes on Megatron (wsd_cpt, sft + cap, dpo, merge) -> decode, TPF
+demo:  ## the main job: tiny AR base -> NeMo recipes on Megatron (wsd_cpt, merge, sft + cap, dpo) -> held-out accuracy, TPF
 	$(PYTHON) tools/envs.py core nemo
 	rm -rf runs/demo runs/nemo
 	$(CORE) -m blockdiff_demo base
@@ -14,7 +14,8 @@ demo:  ## the main job: tiny AR base -> NeMo recipes on Megatron (wsd_cpt, sft +
 	$(NEMO) llm finetune --factory dllm_sft_tiny --direct --yes
 	$(NEMO) llm finetune --factory dllm_cap_tiny --direct --yes
 	$(NEMO) dllm dpo --factory tiny --direct --yes
-	$(CORE) -m blockdiff_demo decode runs/nemo/sft/hf runs/nemo/cap/hf runs/nemo/dpo/hf
+	$(CORE) -m blockdiff_demo evaluate runs/demo/ar-base runs/nemo/wsd_merged runs/nemo/sft/hf runs/nemo/cap/hf \
+		runs/nemo/dpo/hf
 
 test:  ## lint, every test suite in its stack's venv, the cross-stack conformance matrix, and a break it must catch
 	$(PYTHON) tools/test.py

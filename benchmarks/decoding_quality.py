@@ -29,7 +29,8 @@ from blockdiff.models import BlockDiffusionSettings, load_model
 from blockdiff.objectives import ReferenceForward, heldout_accuracy
 from blockdiff.text import load_tokenizer
 from blockdiff_demo.corpus import humaneval_prompts
-from blockdiff_demo.job import SCALES, block_aligned_budget, build_data
+from blockdiff_demo.evaluate import block_aligned_budget
+from blockdiff_demo.job import SCALES, build_data
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"

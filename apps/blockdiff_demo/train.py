@@ -45,7 +45,7 @@ def _fit(model: torch.nn.Module, steps: int, optim: OptimConfig, loss_at: Callab
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             opt.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}", **shown)
+            bar.set_postfix(loss=f"{loss.item():.3f}", **shown, refresh=False)
     model.eval()
 
 

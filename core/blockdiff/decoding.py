@@ -3,7 +3,8 @@
 `BlockState` holds one request's rules (propose, commit, stop, accounting). Two drivers run it: `ReferenceDecoder`
 (batched, KV cache of finished blocks, one forward of the current block per step) and `oracle_decode` (no cache: the
 whole sequence recomputed every step under an explicit block-causal mask). Serving plugins reuse `BlockState` and the
-two rule functions; they never re-derive them.
+two rule functions; they never re-derive them. `greedy_ar_decode` is the autoregressive baseline the block-diffusion
+models are converted from and compared with: one token per forward, same KV cache, same accounting.
 
 Choices where DECODING.md is silent (also in docs/decoding.md):
 - the commit forward of a finished block is a forward of its own (not fused), counted in `nfe`; the last block of a
@@ -262,3 +263,41 @@ def oracle_decode(model: torch.nn.Module, prompt: list[int], params: DecodeParam
             if not s.finish_block():
                 return s.result()
             s.next_block()
+
+
+@torch.no_grad()
+def greedy_ar_decode(model: torch.nn.Module, prompts: list[list[int]], max_tokens: int,
+                     eos_token_ids: tuple[int, ...]) -> list[DecodeResult]:
+    """Greedy next-token decoding of a causal LM, batched, with a KV cache: each prompt is prefilled in one forward,
+    then every active request gets one token per forward (lowest id on ties, as in rule 3). Output ends at and
+    includes the first EOS (finish "stop") or after max_tokens ("length"); every forward after the prefill counts as
+    a denoising forward, so TPF is 1 by construction."""
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("greedy_ar_decode needs at least one prompt, and no prompt may be empty")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    cache = model.new_cache(len(prompts), max(map(len, prompts)) + max_tokens)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    next_tokens = []
+    for row, prompt in enumerate(prompts):
+        n = len(prompt)
+        logits = model(torch.tensor(prompt)[None], torch.arange(n)[None], block_causal_mask(n, 1)[None],
+                       cache=cache, rows=torch.tensor([row]), kv_len=n)
+        next_tokens.append(int(logits[0, -1].float().argmax()))
+    active = list(range(len(prompts)))
+    while active:
+        for row in active:
+            outputs[row].append(next_tokens[row])
+        active = [r for r in active if outputs[r][-1] not in eos_token_ids and len(outputs[r]) < max_tokens]
+        if not active:
+            break
+        positions = torch.tensor([[len(prompts[r]) + len(outputs[r]) - 1] for r in active])
+        kv_len = int(positions.max()) + 1
+        mask = (torch.arange(kv_len)[None, None, :] <= positions[:, :, None])
+        logits = model(torch.tensor([[outputs[r][-1]] for r in active]), positions, mask, cache=cache,
+                       rows=torch.tensor(active), kv_len=kv_len)
+        for i, row in enumerate(active):
+            next_tokens[row] = int(logits[i, -1].float().argmax())
+    # the prefill made the first token and each later forward one more: as many forwards as tokens
+    return [DecodeResult(out, "stop" if out[-1] in eos_token_ids else "length", denoise_forwards=len(out),
+                         nfe=len(out)) for out in outputs]

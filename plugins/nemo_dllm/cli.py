@@ -50,10 +50,10 @@ def merge(config: MergeConfig) -> None:
 
 
 # Toy-scale recipes for the demo's tiny model and data (runs/demo/ar-base and runs/demo/data/*.jsonl, written by
-# `python -m blockdiff_demo base`), with the budgets of the README's main job (`make demo`, about 6 minutes on 2 CPU
+# `python -m blockdiff_demo base`), with the budgets of the README's main job (`make demo`, about 11 minutes on 2 CPU
 # cores with the AR base); paths are overridable. One function per stage, shared by every factory below.
 DEMO_DATA = "runs/demo/data"
-DEMO_TRAINER = dict(lr=1e-3, warmup_steps=3, val_every=15)
+DEMO_TRAINER = dict(max_steps=300, lr=2e-3, warmup_steps=10, val_every=100)
 
 
 def tiny_wsd_recipe(init_from: str = "runs/demo/ar-base", out_dir: str = "runs/nemo/wsd_cpt") -> run.Config[WSDConfig]:
@@ -70,13 +70,13 @@ def tiny_merge_recipe(run_dir: str = "runs/nemo/wsd_cpt", out_dir: str = "runs/n
 
 def tiny_sft_recipe(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/sft") -> run.Config[SFTConfig]:
     return run.Config(SFTConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/sft.jsonl", batch_size=8,
-                      trainer=run.Config(TrainerConfig, max_steps=30, **DEMO_TRAINER))
+                      trainer=run.Config(TrainerConfig, **DEMO_TRAINER))
 
 
 def tiny_cap_recipe(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/cap") -> run.Config[SFTConfig]:
     """CAP from the same start and with the same budget as SFT, so their decoding speed compares CAP with SFT alone."""
     return run.Config(SFTConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/sft.jsonl", batch_size=8,
-                      confidence_weight=2.0, trainer=run.Config(TrainerConfig, max_steps=30, **DEMO_TRAINER))
+                      confidence_weight=2.0, trainer=run.Config(TrainerConfig, **DEMO_TRAINER))
 
 
 def tiny_dpo_recipe(init_from: str = "runs/nemo/cap/hf", out_dir: str = "runs/nemo/dpo") -> run.Config[DPOConfig]:

@@ -6,7 +6,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blockdiff.decoding import BlockState, DecodeParams, ReferenceDecoder, oracle_decode, propose, select_commits
+from blockdiff.decoding import (
+    BlockState,
+    DecodeParams,
+    ReferenceDecoder,
+    greedy_ar_decode,
+    oracle_decode,
+    propose,
+    select_commits,
+)
+from blockdiff.masks import block_causal_mask
 from blockdiff.models import build_model, init_weights, tiny_dense_config
 
 VOCAB, MASK = 64, 63
@@ -158,3 +167,24 @@ def test_request_params_take_overrides_and_name_bad_ones():
                        ("0.5", "must be an object with keys from threshold"), ([1], "must be an object")]:
         with pytest.raises(ValueError, match=match):
             request_params(settings, max_tokens=5, temperature=0.0, seed=0, overrides=bad)
+
+
+def uncached_greedy(model, prompt: list[int], max_tokens: int, eos: tuple[int, ...]) -> list[int]:
+    ids = list(prompt)
+    while len(ids) - len(prompt) < max_tokens and (len(ids) == len(prompt) or ids[-1] not in eos):
+        n = len(ids)
+        ids.append(int(model(torch.tensor([ids]), torch.arange(n)[None], block_causal_mask(n, 1)[None])[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_ar_decode_batched_with_a_cache_equals_the_uncached_loop(model):
+    prompts = [[5, 9, 11], [3] * 13, [7, 1, 2, 8, 30, 4, 4]]
+    free = greedy_ar_decode(model, prompts, 12, NO_EOS)
+    assert [r.tokens for r in free] == [uncached_greedy(model, p, 12, NO_EOS) for p in prompts]
+    assert all(r.finish_reason == "length" and r.tpf == 1.0 and len(r.tokens) == 12 for r in free)
+    eos = (free[1].tokens[5],)  # a token the second request really emits mid-output ends it there
+    stopped = greedy_ar_decode(model, prompts, 12, eos)
+    assert [r.tokens for r in stopped] == [uncached_greedy(model, p, 12, eos) for p in prompts]
+    assert stopped[1].finish_reason == "stop" and stopped[1].tokens[-1] == eos[0] and len(stopped[1].tokens) <= 6
+    with pytest.raises(ValueError, match="max_tokens must be at least 1, got 0"):
+        greedy_ar_decode(model, prompts, 0, NO_EOS)
