@@ -11,7 +11,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,17 +39,22 @@ class WSDConfig:
     data: str  # JSONL: {"text"} documents
     seq_len: int = 256
     batch_size: int = 8
-    warmup_blocks: tuple[int, ...] = (1, 4, 32, 64)
-    decay_blocks: tuple[int, ...] | None = None  # default: halving from seq_len/2 to final_block
+    # Recipe fields use the annotations NeMo-Run's command-line parser knows: lists, not tuples, and Optional[X],
+    # not X | None (`model.recipe.warmup_blocks=[32]` fails to parse otherwise).
+    warmup_blocks: list[int] = field(default_factory=lambda: [1, 4, 32, 64])
+    decay_blocks: Optional[list[int]] = None  # default: halving from seq_len/2 to final_block
     final_block: int = 32
     warmup_tokens: int = 65536  # per warmup phase
     stable_tokens: int = 131072
     decay_tokens: int = 65536  # per decay phase
-    mask_band: tuple[float, float] = (1e-3, 1.0)
+    mask_band: list[float] = field(default_factory=lambda: [1e-3, 1.0])  # [low, high]
     embed_noise_std: float = 0.1
     embed_noise_steps: int = 50
     threshold: float = 0.95  # the decoding default written into the output config
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        mask_band(self)
 
     def schedule(self) -> WSDSchedule:
         return WSDSchedule.build(self.seq_len, tuple(self.warmup_blocks),
@@ -64,10 +69,13 @@ class SFTConfig:
     data: str  # JSONL: {"prompt", "response"} or {"messages"} lines
     seq_len: int = 256
     batch_size: int = 8
-    mask_band: tuple[float, float] = (0.3, 0.8)
+    mask_band: list[float] = field(default_factory=lambda: [0.3, 0.8])  # [low, high]
     complementary: bool = True
     confidence_weight: float = 0.0  # > 0 makes this the CAP stage (Eq. 6)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        mask_band(self)
 
 
 @dataclass
@@ -75,13 +83,16 @@ class DPOConfig:
     init_from: str  # HF directory of the SFT model: the policy's start
     out_dir: str
     data: str  # JSONL: {"prompt", "chosen", "rejected"} lines
-    reference_from: str | None = None  # the frozen reference; None: init_from (the post-SFT model, as the paper)
+    reference_from: Optional[str] = None  # the frozen reference; None: init_from (the post-SFT model, as the paper)
     seq_len: int = 256
     batch_size: int = 4
     beta: float = 0.1
-    mask_band: tuple[float, float] = (0.3, 0.8)
-    lr: float | None = None  # None: the learning rate the SFT run ended with
+    mask_band: list[float] = field(default_factory=lambda: [0.3, 0.8])  # [low, high]
+    lr: Optional[float] = None  # None: the learning rate the SFT run ended with
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        mask_band(self)
 
 
 @dataclass
@@ -91,6 +102,14 @@ class MergeConfig:
     top_k: int = 2
     metric: str = "val_loss"
     higher_is_better: bool = False
+
+
+def mask_band(recipe: WSDConfig | SFTConfig | DPOConfig) -> MaskBand:
+    """The recipe's `mask_band` as the core's MaskBand; a bad one is named when the recipe is built."""
+    band = recipe.mask_band
+    if len(band) != 2:
+        raise ValueError(f"mask_band must be [low, high], got {band}")
+    return MaskBand(*band)
 
 
 def _check_seq_len(seq_len: int, block: int) -> None:
@@ -209,7 +228,7 @@ def wsd_data(recipe: WSDConfig) -> RecipeData:
     tok = load_tokenizer(recipe.init_from)
     ids, doc_ids, val_ids, val_doc = data.pretraining_rows(recipe.data, tok, recipe.seq_len)
     train_collate = PretrainCollate(recipe.schedule(), recipe.batch_size, recipe.batch_size * recipe.seq_len,
-                                    special_id(tok, MASK), MaskBand(*recipe.mask_band), trainer.seed)
+                                    special_id(tok, MASK), mask_band(recipe), trainer.seed)
     val_collate = replace(train_collate, fixed_block=recipe.final_block)
     return RecipeData(Shuffled(list(zip(ids, doc_ids)), trainer.max_steps * recipe.batch_size, trainer.seed),
                       Cycled(list(zip(val_ids, val_doc)), recipe.batch_size), train_collate, val_collate,
@@ -306,7 +325,7 @@ def response_data(recipe: SFTConfig | DPOConfig) -> RecipeData:
     read = data.preference_examples if isinstance(recipe, DPOConfig) else data.sft_examples
     held_out, train = _split_held_out(read(recipe.data, tok), recipe.data, recipe.seq_len, settings.block_size)
     collate = ResponseCollate(recipe.seq_len, settings.block_size, settings.eos_token_ids[0], settings.mask_token_id,
-                              MaskBand(*recipe.mask_band), trainer.seed)
+                              mask_band(recipe), trainer.seed)
     return RecipeData(Shuffled(train, trainer.max_steps * recipe.batch_size, trainer.seed),
                       Cycled(held_out, recipe.batch_size), collate, collate, recipe.seq_len,
                       trainer.micro_batch(recipe.batch_size), recipe.batch_size)

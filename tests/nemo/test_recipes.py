@@ -1,6 +1,7 @@
 """The recipe stages in NeMo's trainer: WSD across SIGKILLs and resume from NeMo's distributed checkpoints, checkpoints
 kept and merged by validation loss, configuration and data errors before training, and the NeMo-Run command line."""
 
+import dataclasses
 import json
 import random
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from blockdiff.models import build_model, init_weights, save_model, tiny_dense_c
 from blockdiff.text import save_tokenizer, train_tokenizer
 from blockdiff_demo.corpus import stdlib_documents
 from nemo_dllm.data import DataError, read_jsonl, sft_examples
-from nemo_dllm.stages import MergeConfig, SFTConfig, WSDConfig, merge, sft, wsd_cpt
+from nemo_dllm.stages import DPOConfig, MergeConfig, SFTConfig, WSDConfig, merge, sft, wsd_cpt
 from nemo_dllm.training import TrainerConfig, read_metrics
 
 NEMO = Path(sys.executable).parent / "nemo"
@@ -260,3 +262,27 @@ def test_response_batch_pads_each_row_to_its_block_and_fences_off_batch_padding(
     assert ids.tolist() == [[5, 6, 7, 0, 0, 0, 0, 0], [5, 7, 8, 9, 10, 11, 0, 0]]
     assert response.int().tolist() == [[0, 0, 1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1]]
     assert doc_ids.tolist() == [[0, 0, 0, 0, 1, 1, 1, 1], [0] * 8]
+
+
+@pytest.mark.parametrize("config", [WSDConfig, SFTConfig, DPOConfig, MergeConfig, TrainerConfig])
+def test_every_recipe_field_can_be_set_from_the_command_line(config):
+    """NeMo-Run parses `model.recipe.<field>=<value>` by the field's annotation and rejects some (tuples): every field
+    of every recipe must take a value from the command line, lists of block sizes included."""
+    from nemo_run.cli.cli_parser import parse_value
+
+    hints = typing.get_type_hints(config)
+    for f in dataclasses.fields(config):
+        if f.name == "trainer":
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        text = "x" if default in (None, dataclasses.MISSING) and hints[f.name] in (str, str | None) else str(default)
+        if isinstance(default, list) or (default is None and "list" in str(hints[f.name])):
+            text = "[32, 4]"
+        parse_value(text, hints[f.name])
+
+
+def test_a_bad_mask_band_is_named_when_the_recipe_is_built(tmp_path):
+    with pytest.raises(ValueError, match=r"mask_band must be \[low, high\], got \[0.3\]"):
+        SFTConfig(init_from="a", out_dir=str(tmp_path), data="d", mask_band=[0.3])
+    with pytest.raises(ValueError, match="mask band needs 0 < t_min <= t_max <= 1, got t_min=0.9, t_max=0.2"):
+        WSDConfig(init_from="a", out_dir=str(tmp_path), data="d", mask_band=[0.9, 0.2])
