@@ -15,7 +15,6 @@ Writes results/conversion_ablations.json (about 10 minutes).
 import argparse
 import json
 import subprocess
-from dataclasses import asdict
 from pathlib import Path
 
 from blockdiff_demo.corpus import held_out_tasks
@@ -64,7 +63,7 @@ def main() -> None:
     print(f"{len(tasks)} held-out tasks, block 32, threshold 0.95\n{'variant':<30}{'accuracy':>9}{'TPF':>6}")
     for name, model_dir in models.items():
         e = evaluate(ROOT / model_dir, tasks, name=name)
-        results[name] = {k: v for k, v in asdict(e).items() if k != "outputs"}
+        results[name] = e.summary()
         print(f"{name:<30}{e.accuracy:>9.1%}{e.tpf:>6.2f}", flush=True)
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results/conversion_ablations.json").write_text(json.dumps(results, indent=1) + "\n")

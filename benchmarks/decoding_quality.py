@@ -14,7 +14,6 @@ Writes results/decoding_tradeoff.{json,png} and results/cap_effect.json.
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from blockdiff_demo.corpus import held_out_tasks
@@ -24,10 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 BLOCK_SIZES = (8, 16, 32, 64)
-
-
-def row(e: Evaluation) -> dict:
-    return {k: v for k, v in asdict(e).items() if k != "outputs"}
+CAP_THRESHOLDS = (0.5, 0.7, 0.95)  # block 32; SFT's rows come from the sweep above
 
 
 def show(e: Evaluation) -> None:
@@ -53,16 +49,16 @@ def main() -> None:
         for threshold in THRESHOLDS:
             tradeoff.append(evaluate(dirs["sft"], tasks, block, threshold, name="sft"))
             show(tradeoff[-1])
-    cap = {name: [evaluate(dirs[name], tasks, 32, t, name=name) for t in (0.5, 0.7, 0.95)] for name in ("sft", "cap")}
-    for evaluations in cap.values():
-        for e in evaluations:
-            show(e)
-    setup = {"tasks": f"{len(tasks)} held-out instances of the demo's task family", "ar_base": row(base)}
+    cap = {"sft": [e for e in tradeoff if e.block_size == 32 and e.threshold in CAP_THRESHOLDS],
+           "cap": [evaluate(dirs["cap"], tasks, 32, t, name="cap") for t in CAP_THRESHOLDS]}
+    for e in cap["cap"]:
+        show(e)
+    setup = {"tasks": f"{len(tasks)} held-out instances of the demo's task family", "ar_base": base.summary()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "decoding_tradeoff.json").write_text(
-        json.dumps({**setup, "rows": [row(e) for e in tradeoff]}, indent=1) + "\n")
+        json.dumps({**setup, "rows": [e.summary() for e in tradeoff]}, indent=1) + "\n")
     (RESULTS / "cap_effect.json").write_text(
-        json.dumps({**setup, "block_size": 32, **{n: [row(e) for e in es] for n, es in cap.items()}}, indent=1) + "\n")
+        json.dumps({**setup, "block_size": 32, **{n: [e.summary() for e in es] for n, es in cap.items()}}, indent=1) + "\n")
     plot(tradeoff, base)
     print(f"written {RESULTS}/decoding_tradeoff.json, .png and cap_effect.json")
 

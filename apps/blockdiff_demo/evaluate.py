@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from blockdiff.decoding import DecodeParams, DecodeResult, ReferenceDecoder, greedy_ar_decode
@@ -29,6 +29,10 @@ class Evaluation:
     block_size: int | None = None  # None: the AR model
     threshold: float | None = None
     outputs: list[str] = field(default_factory=list)  # decoded, without the EOS that ends them
+
+    def summary(self) -> dict:
+        """Every field but the outputs: what a benchmark's JSON keeps."""
+        return {k: v for k, v in asdict(self).items() if k != "outputs"}
 
 
 def block_aligned_budget(prompt_len: int, max_tokens: int, block_size: int) -> int:

@@ -31,6 +31,7 @@ from blockdiff.schedules import WSDSchedule
 from blockdiff.text import EOS, MASK, load_tokenizer, pack_documents, save_tokenizer, special_id, train_tokenizer
 from blockdiff_demo.corpus import VALIDATION_EVERY, held_out_tasks, pretraining_texts, write_recipe_data
 from blockdiff_demo.evaluate import evaluate, table
+from blockdiff_demo.tasks import is_exact
 from blockdiff_demo.train import OptimConfig, train_ar, train_wsd
 
 # phase_steps: each WSD phase's token budget in training steps (Stable gets twice that). eval_tasks: how many
@@ -124,7 +125,7 @@ def evaluate_models(model_dirs: list[Path], s: dict, threshold: float, out: Path
     last = evaluations[-1]
     print(f"\nHeld-out tasks, {last.model}'s completions (prompt, then the output in bold, then whether it is right):")
     for task, output in list(zip(tasks, last.outputs))[:show]:
-        print(f"{task.prompt}\033[1m{output}\033[0m    {'right' if output == task.answer else 'wrong: ' + task.answer}")
+        print(f"{task.prompt}\033[1m{output}\033[0m    {'right' if is_exact(task, output) else 'wrong: ' + task.answer}")
     print(f"\n{len(tasks)} held-out tasks, exact match; one request at a time on this CPU\n{table(evaluations)}")
     (out / "evaluation.json").write_text(json.dumps(
         {"tasks": [asdict(t) | {"prompt": t.prompt, "answer": t.answer} for t in tasks],
