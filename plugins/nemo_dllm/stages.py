@@ -50,6 +50,9 @@ class WSDConfig:
     mask_band: list[float] = field(default_factory=lambda: [1e-3, 1.0])  # [low, high]
     embed_noise_std: float = 0.1
     embed_noise_steps: int = 50
+    # False trains every packed row as one sequence (attention and positions run across the documents in it): the
+    # ablation of the document-level mask. Validation keeps the documents apart either way.
+    document_mask: bool = True
     threshold: float = 0.95  # the decoding default written into the output config
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -227,6 +230,8 @@ def wsd_data(recipe: WSDConfig) -> RecipeData:
     micro = trainer.micro_batch(recipe.batch_size)
     tok = load_tokenizer(recipe.init_from)
     ids, doc_ids, val_ids, val_doc = data.pretraining_rows(recipe.data, tok, recipe.seq_len)
+    if not recipe.document_mask:
+        doc_ids = torch.zeros_like(doc_ids)
     train_collate = PretrainCollate(recipe.schedule(), recipe.batch_size, recipe.batch_size * recipe.seq_len,
                                     special_id(tok, MASK), mask_band(recipe), trainer.seed)
     val_collate = replace(train_collate, fixed_block=recipe.final_block)

@@ -286,3 +286,26 @@ def test_a_bad_mask_band_is_named_when_the_recipe_is_built(tmp_path):
         SFTConfig(init_from="a", out_dir=str(tmp_path), data="d", mask_band=[0.3])
     with pytest.raises(ValueError, match="mask band needs 0 < t_min <= t_max <= 1, got t_min=0.9, t_max=0.2"):
         WSDConfig(init_from="a", out_dir=str(tmp_path), data="d", mask_band=[0.9, 0.2])
+
+
+def test_without_the_document_mask_a_packed_row_is_one_sequence(ar_base, tmp_path):
+    """The ablation switch `document_mask=False`: the same packed rows, but every training row one document, so its
+    tokens attend across the boundaries and positions run on; validation rows keep their documents apart."""
+    from nemo_dllm.stages import wsd_data
+
+    corpus = tmp_path / "short.jsonl"  # documents of a few tokens: every 64-token row packs several
+    corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n" for i in range(400)))
+    batches = {}
+    for on in (True, False):
+        recipe = WSDConfig(init_from=str(ar_base), out_dir=str(tmp_path / str(on)), data=str(corpus), seq_len=64,
+                           batch_size=4, document_mask=on)
+        module = wsd_data(recipe)
+        batches[on] = (module.collate([module.train[i] for i in range(4)])["diffusion"],
+                       module.val_collate([module.val[i] for i in range(4)])["diffusion"])
+    (train_on, val_on), (train_off, val_off) = batches[True], batches[False]
+    assert torch.equal(train_on.targets, train_off.targets)  # the same rows
+    assert (train_on.doc_ids.amax(dim=1) > 0).all()
+    assert (train_off.doc_ids == 0).all()
+    assert not torch.equal(train_on.attention_mask(), train_off.attention_mask())
+    assert torch.equal(train_off.attention_mask(), train_on.attention_mask() | train_off.attention_mask())
+    assert torch.equal(val_on.doc_ids, val_off.doc_ids) and (val_off.doc_ids.amax(dim=1) > 0).any()
