@@ -50,11 +50,12 @@ def running_server(cmd: list[str], port: int, log_path: Path, env: dict[str, str
         yield url
     finally:
         _PROCESS_GROUPS.pop(url, None)
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # a server that exited by itself has no group left to stop
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 

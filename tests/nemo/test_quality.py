@@ -73,7 +73,7 @@ def test_wsd_accuracy_far_above_chance_and_cap_sharpens_right_answers(converted,
     assert summary["masked_token_accuracy"] > 20 * summary["chance"]
 
     budget = TrainerConfig(max_steps=60, lr=1e-3, warmup_steps=3, val_every=1000)
-    data = str(write_recipe_data(tmp_path / "data")["sft"])  # the demo's: every documented stdlib function
+    data = str(write_recipe_data(tmp_path / "data")["sft"])  # the demo's: task prompt -> answer
     plain = sft(SFTConfig(init_from=str(converted), out_dir=str(tmp_path / "sft"), data=data, seq_len=128,
                           batch_size=8, trainer=budget))
     cap = sft(SFTConfig(init_from=str(converted), out_dir=str(tmp_path / "cap"), data=data, seq_len=128,
