@@ -110,7 +110,7 @@ def serve_and_measure(stack: str, model: Path, block_diffusion: bool, requests) 
                 for c in CONCURRENCY}
 
 
-def reference_measure(model: Path, requests) -> dict[int, list[Run]]:
+def reference_measure(model: Path, requests, eos: int) -> dict[int, list[Run]]:
     from blockdiff.decoding import DecodeParams, ReferenceDecoder, greedy_ar_decode
     from blockdiff.models import BlockDiffusionSettings, load_model
 
@@ -125,10 +125,9 @@ def reference_measure(model: Path, requests) -> dict[int, list[Run]]:
         def batch(i: int, j: int) -> list[Sent]:
             return [(r.tokens, r.denoise_forwards) for r in decoder.generate(prompts[i:j], params[i:j])]
     else:
-        eos = tuple(cfg["eos_token_id"]) if isinstance(cfg["eos_token_id"], list) else (cfg["eos_token_id"],)
 
         def batch(i: int, j: int) -> list[Sent]:
-            return [(r.tokens, None) for r in greedy_ar_decode(net, prompts[i:j], MAX_ANSWER_TOKENS, eos)]
+            return [(r.tokens, None) for r in greedy_ar_decode(net, prompts[i:j], MAX_ANSWER_TOKENS, (eos,))]
     batch(0, 1)  # warm-up
     runs = {}
     for c in CONCURRENCY:
@@ -180,7 +179,7 @@ def main() -> None:
         for name, path in models.items():
             print(f"[{stack}] {name} ...", flush=True)
             requests = budgets["ar" if name == "ar" else "bd"]
-            runs = (reference_measure(path, requests) if stack == "reference"
+            runs = (reference_measure(path, requests, eos) if stack == "reference"
                     else serve_and_measure(stack, path, name != "ar", requests))
             results += [{"stack": stack, "model": name, "concurrency": c, **summarize(r, tasks, tok.decode, eos)}
                         for c, r in runs.items()]
