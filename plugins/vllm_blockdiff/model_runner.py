@@ -43,9 +43,11 @@ class BlockDiffusionRunnerMixin:
         self.failed: set[str] = set()  # requests whose block failed; their rows say FAILED until vLLM ends them
         self.records: list[dict] | None = [] if os.environ.get(RECORD_ENV) == "1" else None
 
-    def _block_state(self, req_id: str) -> BlockState:
+    def _block_state(self, req_id: str, new_requests: dict) -> BlockState:
+        """The request's block state, made on its first canvas; `new_requests` (this step's admissions, which the
+        runner has not recorded yet) supply a request first seen in this step."""
         state = self.block_states.get(req_id)
-        req = self.requests[req_id]
+        req = self.requests.get(req_id) or new_requests[req_id]
         if state is None:
             sp = req.sampling_params
             params = request_params(self.settings, max_tokens=sp.max_tokens, temperature=sp.temperature,
@@ -53,9 +55,10 @@ class BlockDiffusionRunnerMixin:
             state = self.block_states[req_id] = BlockState(list(req.prompt_token_ids), params,
                                                            self.settings.mask_token_id, self.settings.eos_token_ids)
         b = self.settings.block_size
-        if state.block_start != req.num_tokens // b * b:
+        num_tokens = req.num_tokens if req_id in self.requests else len(req.prompt_token_ids)
+        if state.block_start != num_tokens // b * b:
             raise RuntimeError(f"request {req_id}: runner block at {state.block_start} but vLLM holds "
-                               f"{req.num_tokens} committed tokens")
+                               f"{num_tokens} committed tokens")
         return state
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
@@ -63,13 +66,14 @@ class BlockDiffusionRunnerMixin:
             self.block_states.pop(req_id, None)
             self.failed.discard(req_id)
         canvases = {}
+        new_requests = {r.req_id: r for r in scheduler_output.scheduled_new_reqs}
         for req_id, scheduled in scheduler_output.scheduled_spec_decode_tokens.items():
             if req_id in self.failed:  # its FAILED row is on the way to the scheduler
                 canvases[req_id] = [self.settings.mask_token_id] * len(scheduled)
                 continue
             try:
-                state = self._block_state(req_id)
-                canvases[req_id] = state.block[self.requests[req_id].num_tokens - state.block_start:].tolist()
+                state = self._block_state(req_id, new_requests)
+                canvases[req_id] = state.block[-len(scheduled):].tolist()
             except Exception as e:  # noqa: BLE001 - one request's failure is that request's error
                 self._fail(req_id, e)
                 canvases[req_id] = [self.settings.mask_token_id] * len(scheduled)

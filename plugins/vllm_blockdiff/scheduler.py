@@ -6,6 +6,10 @@ so the stock scheduler gives it KV slots and schedules it with the request. Thre
 
 - every scheduled span ends at a block boundary or at the end of what is known (`_mamba_block_aligned_split`, the
   scheduler's own alignment hook): a prefill chunk never ends mid-block, and a canvas is scheduled whole or not at all;
+- a request admitted from the waiting queue whose whole prompt fits the step gets its first canvas in the same span
+  (the hook extends it, within the step's token budget, and `schedule` marks the extension as the canvas): its first
+  denoising step shares the prompt's forward instead of following a prompt-only forward whose tail KV would be
+  thrown away;
 - after each step a request's computed tokens fall back to the last block boundary among its committed tokens
   (`update_from_output`): the canvas' KV is scratch, rewritten by the next step, and a finished block's KV becomes
   final in the step after it is committed (that forward is fused with the next block's first denoising step);
@@ -50,21 +54,36 @@ class BlockDiffusionScheduler(Scheduler):
         self.accounting.setdefault(request.request_id, [0, 0, 0, 0])
         super().add_request(request)
 
+    def _canvas_length(self, request: Request) -> int:
+        return (request.num_tokens // self.diffusion_block + 1) * self.diffusion_block - request.num_tokens
+
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
-        b = self.diffusion_block
         for request in self.running:
-            canvas_end = (request.num_tokens // b + 1) * b
-            request.spec_token_ids = [self.mask_token_id] * (canvas_end - request.num_tokens)
-        return super().schedule(throttle_prefills)
+            request.spec_token_ids = [self.mask_token_id] * self._canvas_length(request)
+        # what this step can still schedule, as the stock scheduler counts it (an upper bound: a request the hook
+        # saw may still be left out), so that a canvas added to an admitted prompt never exceeds the step's budget
+        self.unscheduled_budget = min(self.max_num_scheduled_tokens, self.scheduler_config.max_num_batched_tokens)
+        self.admitted_canvases: dict[str, int] = {}
+        output = super().schedule(throttle_prefills)
+        for rid, length in self.admitted_canvases.items():
+            if rid in output.num_scheduled_tokens:
+                output.scheduled_spec_decode_tokens[rid] = [self.mask_token_id] * length
+        return output
 
     def _mamba_block_aligned_split(self, request: Request, num_new_tokens: int,
                                    num_new_local_computed_tokens: int = 0, num_external_computed_tokens: int = 0
                                    ) -> int:
         start = request.num_computed_tokens + num_new_local_computed_tokens + num_external_computed_tokens
         end = start + num_new_tokens
-        if end == request.num_tokens_with_spec:
-            return num_new_tokens
-        return max(end // self.diffusion_block * self.diffusion_block - start, 0)
+        if end != request.num_tokens_with_spec:
+            num_new_tokens = max(end // self.diffusion_block * self.diffusion_block - start, 0)
+        elif request.status != RequestStatus.RUNNING and end == request.num_tokens:  # admitted with all it knows
+            canvas = self._canvas_length(request)
+            if num_new_tokens + canvas <= self.unscheduled_budget and end + canvas <= self.max_model_len:
+                self.admitted_canvases[request.request_id] = canvas
+                num_new_tokens += canvas
+        self.unscheduled_budget -= num_new_tokens
+        return num_new_tokens
 
     def _preempt_request(self, request: Request, *args, **kwargs) -> None:
         self.accounting.setdefault(request.request_id, [0, 0, 0, 0])[3] += 1
