@@ -7,8 +7,9 @@ two rule functions; they never re-derive them. `greedy_ar_decode` is the autoreg
 models are converted from and compared with: one token per forward, same KV cache, same accounting.
 
 Choices where DECODING.md is silent (also in docs/decoding.md):
-- the commit forward of a finished block is a forward of its own (not fused), counted in `nfe`; the last block of a
-  request gets none;
+- the commit forward of a finished block (rule 5) is fused with the next block's first denoising step: that forward
+  runs the finished block's tokens and the new block's masks, writing the finished block's final KV; with
+  `fuse_commit=False` it is a forward of its own, counted in `nfe`. Either way the last block of a request gets none;
 - the whole last block is denoised even when max_tokens ends inside it, then the output is cut;
 - an EOS that ends the output is part of it (as in vLLM's token ids), so it counts as an output token;
 - at T > 0 each request draws from its own torch.Generator seeded with its seed (default 0), candidates for the still
@@ -202,10 +203,14 @@ class BlockState:
 
 class ReferenceDecoder:
     """Batched decoding with a KV cache of finished blocks. Each step is one forward of every active request's
-    current block (queries: B tokens; keys: the request's cached earlier blocks plus its current block)."""
+    current block (queries: B tokens; keys: the request's cached earlier blocks plus its current block), preceded in
+    the request's first step after a finished block by that block's tokens (2B queries), whose final KV the forward
+    writes; `fuse_commit=False` writes it in a commit forward of its own instead."""
 
-    def __init__(self, model: torch.nn.Module, mask_token_id: int, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, model: torch.nn.Module, mask_token_id: int, eos_token_ids: tuple[int, ...],
+                 fuse_commit: bool = True) -> None:
         self.model, self.mask_id, self.eos = model, mask_token_id, tuple(eos_token_ids)
+        self.fuse_commit = fuse_commit
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: DecodeParams | list[DecodeParams]) -> list[DecodeResult]:
@@ -220,28 +225,50 @@ class ReferenceDecoder:
                 ids = torch.tensor(s.committed)[None]
                 mask = block_causal_mask(s.block_start, s.params.block_size)[None]
                 self._forward([row], ids, torch.arange(s.block_start)[None], mask, cache, s.block_start)
+        finished: dict[int, Tensor] = {}  # row -> its finished block, whose final KV is not written yet
         while active := [row for row, s in enumerate(states) if not s.done]:
-            logits = self._block_forward(active, [states[r].block for r in active], states, cache)
+            logits = self._step_forward(active, states, cache, finished)
             full = [r for r, lg in zip(active, logits) if states[r].step(lg)]
             going_on = [r for r in full if states[r].finish_block()]
-            if going_on:  # commit forward: the finished blocks' final KV
+            finished = {r: states[r].block for r in going_on}
+            if going_on and not self.fuse_commit:  # commit forward: the finished blocks' final KV
                 for r in going_on:
                     states[r].nfe += 1
-                self._block_forward(going_on, [states[r].block for r in going_on], states, cache)
-                for r in going_on:
-                    states[r].next_block()
+                self._block_forward(going_on, list(finished.values()), states, cache)
+                finished = {}
+            for r in going_on:
+                states[r].next_block()
         return [s.result() for s in states]
 
-    def _block_forward(self, rows: list[int], blocks: list[Tensor], states: list[BlockState], cache) -> Tensor:
-        starts = torch.tensor([states[r].block_start for r in rows])
+    def _step_forward(self, rows: list[int], states: list[BlockState], cache, finished: dict[int, Tensor]
+                      ) -> list[Tensor]:
+        """The current blocks' logits [B, V] for `rows`, in order: one forward of the rows with nothing to commit,
+        one of the rows whose `finished` block goes in front of their current block."""
+        plain = [r for r in rows if r not in finished]
+        fused = [r for r in rows if r in finished]
+        logits = {}
+        if plain:
+            logits.update(zip(plain, self._block_forward(plain, [states[r].block for r in plain], states, cache)))
+        if fused:
+            blocks = [torch.cat([finished[r], states[r].block]) for r in fused]
+            size = states[fused[0]].params.block_size
+            logits.update(zip(fused, self._block_forward(fused, blocks, states, cache, offset=-size)[:, size:]))
+        return [logits[r] for r in rows]
+
+    def _block_forward(self, rows: list[int], blocks: list[Tensor], states: list[BlockState], cache,
+                       offset: int = 0) -> Tensor:
+        """A forward of `blocks` (one or more whole blocks per row) placed at each row's current block start plus
+        `offset`."""
+        starts = torch.tensor([states[r].block_start + offset for r in rows])
         size = states[rows[0]].params.block_size
         if any(states[r].params.block_size != size for r in rows):
             raise ValueError("requests decoded in one batch must share a block size")
-        positions = starts[:, None] + torch.arange(size)
+        width = blocks[0].numel()
+        positions = starts[:, None] + torch.arange(width)
         kv_len = int(positions.max()) + 1
         # a query sees every slot before the end of its own block: cached earlier blocks plus its whole block
-        mask = torch.arange(kv_len)[None, None, :] < (starts + size)[:, None, None]
-        mask = mask.expand(-1, size, -1)
+        block_end = (positions // size + 1) * size
+        mask = torch.arange(kv_len)[None, None, :] < block_end[:, :, None]
         return self._forward(rows, torch.stack(blocks), positions, mask, cache, kv_len)
 
     def _forward(self, rows, ids, positions, mask, cache, kv_len) -> Tensor:

@@ -93,27 +93,38 @@ class BlockDiffusionRunnerMixin:
         return super().sample_tokens(grammar_output)
 
     def _denoise(self, scheduler_output, hidden_states: torch.Tensor) -> dict[str, list[int]]:
-        """One denoising step for every request that carried a canvas; returns the tokens of blocks that filled."""
-        committed, offset = {}, 0
+        """One denoising step for every request that carried a canvas; returns the tokens of blocks that filled.
+        The blocks' logits come from one `compute_logits` over all their rows."""
+        b = self.settings.block_size
+        denoising, rows, offset = [], [], 0
         for index, req_id in enumerate(self.input_batch.req_ids):
-            n = scheduler_output.num_scheduled_tokens[req_id]
             if req_id in scheduler_output.scheduled_spec_decode_tokens and req_id not in self.failed:
-                try:
-                    tokens = self._denoise_request(req_id, index, offset, hidden_states)
-                except Exception as e:  # noqa: BLE001 - one request's failure is that request's error
-                    self._fail(req_id, e)
+                state = self.block_states.get(req_id)
+                if state is None:  # cannot happen after execute_model made its canvas; fail it rather than the step
+                    self._fail(req_id, RuntimeError(f"request {req_id}: no block state"))
                 else:
-                    if tokens is not None:
-                        committed[req_id] = tokens
-            offset += n
+                    first = offset + state.block_start - int(self.input_batch.num_computed_tokens_cpu[index])
+                    denoising.append(req_id)
+                    rows.append(torch.arange(first, first + b))
+            offset += scheduler_output.num_scheduled_tokens[req_id]
+        if not denoising:
+            return {}
+        rows = torch.cat(rows).to(hidden_states.device)
+        logits = self.model.compute_logits(hidden_states[rows]).float().cpu().view(len(denoising), b, -1)
+        committed = {}
+        for req_id, block_logits in zip(denoising, logits):
+            try:
+                tokens = self._denoise_request(req_id, block_logits)
+            except Exception as e:  # noqa: BLE001 - one request's failure is that request's error
+                self._fail(req_id, e)
+            else:
+                if tokens is not None:
+                    committed[req_id] = tokens
         return committed
 
-    def _denoise_request(self, req_id: str, index: int, offset: int, hidden_states: torch.Tensor
-                         ) -> list[int] | None:
-        """One request's denoising step from its rows of the forward; its new output tokens if the block filled."""
+    def _denoise_request(self, req_id: str, logits: torch.Tensor) -> list[int] | None:
+        """One request's denoising step from its block's logits; its new output tokens if the block filled."""
         state = self.block_states[req_id]
-        first = offset + state.block_start - int(self.input_batch.num_computed_tokens_cpu[index])
-        logits = self.model.compute_logits(hidden_states[first: first + self.settings.block_size]).float().cpu()
         if self.records is not None:
             self.records.append({"context": list(state.committed), "block": state.block.tolist(),
                                  "logits": logits.clone()})

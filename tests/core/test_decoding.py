@@ -82,15 +82,34 @@ def test_eos_inside_a_block_ends_the_output_there(model, block):
     assert got.denoise_forwards < free.denoise_forwards  # the rest of the output was never decoded
 
 
+def blocks_decoded(prompt_len: int, output_len: int, block: int) -> int:
+    """The blocks a request denoised: from the one holding the prompt's tail to the one holding its last token."""
+    return (prompt_len + output_len - 1) // block - prompt_len // block + 1
+
+
 def test_accounting(model):
-    """nfe = prefill chunk + denoising steps + one commit forward per finished block but the last; tpf from those."""
+    """nfe = prefill chunk + denoising steps (each finished block's commit fused into the next block's first step),
+    or, unfused, + one commit forward per finished block but the last; tpf from those."""
     params = DecodeParams(max_tokens=20, block_size=8, threshold=0.5)
     prompt = list(range(19))  # 2 full blocks prefilled, 3 tail tokens join the first generated block
-    r = ReferenceDecoder(model, MASK, NO_EOS).generate([prompt], params)[0]
-    blocks = -(-(19 + 20) // 8) - 2  # blocks decoded: positions 16..39
-    assert r.nfe == 1 + r.denoise_forwards + (blocks - 1)
-    assert r.tpf == pytest.approx(20 / r.denoise_forwards)
-    assert blocks <= r.denoise_forwards <= 21  # at most one step per masked position
+    fused = ReferenceDecoder(model, MASK, NO_EOS).generate([prompt], params)[0]
+    unfused = ReferenceDecoder(model, MASK, NO_EOS, fuse_commit=False).generate([prompt], params)[0]
+    blocks = blocks_decoded(19, 20, 8)  # positions 16..38
+    assert blocks == 3
+    assert fused.nfe == 1 + fused.denoise_forwards
+    assert unfused.nfe == 1 + unfused.denoise_forwards + (blocks - 1)
+    assert fused.tpf == unfused.tpf == pytest.approx(20 / fused.denoise_forwards)
+    assert blocks <= fused.denoise_forwards <= 21  # at most one step per masked position
+
+
+@given(prompts=st.lists(prompts_strategy(), min_size=1, max_size=5), params=params_strategy,
+       eos=st.sampled_from([NO_EOS, (5,), (9, 30)]))
+def test_fused_commit_gives_the_unfused_outputs_with_one_forward_less_per_finished_block(model, prompts, params, eos):
+    fused = ReferenceDecoder(model, MASK, eos).generate(prompts, params)
+    unfused = ReferenceDecoder(model, MASK, eos, fuse_commit=False).generate(prompts, params)
+    for prompt, f, u in zip(prompts, fused, unfused):
+        assert same(f, u)
+        assert u.nfe - f.nfe == blocks_decoded(len(prompt), len(f.tokens), params.block_size) - 1
 
 
 def test_threshold_zero_fills_a_block_per_step_and_threshold_one_uses_fallback(model):
