@@ -25,6 +25,7 @@ import envs  # this folder: python3 tools/test.py puts it first on the path
 SUITES = {name: envs.ROOT / "tests" / name for name in envs.RECIPES}
 LINT = "lint"
 SUITE_TIMEOUT = 30 * 60
+RESULT_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?)")
 
 
 def main() -> int:
@@ -52,18 +53,18 @@ def main() -> int:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         timer = threading.Timer(SUITE_TIMEOUT, os.killpg, (proc.pid, signal.SIGKILL))
         timer.start()
-        last = ""
+        last = ""  # pytest's summary line: the last that counts results (an interpreter may warn after it)
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
-            last = line if line.strip() else last
+            last = line if RESULT_COUNT.search(line) else last
         proc.wait()
         timer.cancel()
         if time.time() - start >= SUITE_TIMEOUT:
             print(f"===== suite {name}: stopped after {SUITE_TIMEOUT} s =====", flush=True)
         summary = last.strip()
         counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
-        for count, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary):
+        for count, word in RESULT_COUNT.findall(summary):
             counts["error" if word.startswith("error") else word] += int(count)
         if proc.returncode != 0:  # includes pytest's exit 5, "no tests ran": a suite that tests nothing fails
             failed_suites.append(name)

@@ -49,6 +49,12 @@ def register() -> None:
     HookRegistry.register(f"{SchedulerOutputStreamer.__module__}.SchedulerOutputStreamer."
                           "is_request_level_customized_info_key",
                           lambda self, key: key == ACCOUNTING_KEY, HookType.REPLACE)
+    HookRegistry.register(f"{SchedulerOutputStreamer.__module__}._GenerationStreamAccumulator.accept",
+                          hooks.stream_committed_blocks_only, HookType.AROUND)
+    if multiprocessing.parent_process() is None:  # the OpenAI endpoints' responses carry the accounting
+        for endpoint in ("serving_completions", "serving_chat"):
+            HookRegistry.register(f"sglang.srt.entrypoints.openai.{endpoint}.build_endpoint_weight_version_metadata",
+                                  hooks.accounting_in_metadata, HookType.AFTER)
     if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":  # the CPU runtime (docs/environments.md)
         HookRegistry.register("sglang.srt.layers.moe.fused_moe_native.moe_forward_native",
                               hooks.scale_native_moe_output, HookType.AFTER)

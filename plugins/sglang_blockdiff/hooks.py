@@ -77,6 +77,30 @@ def accounting_outputs(streamer, reqs) -> dict[str, list]:
     return {ACCOUNTING_KEY: values}
 
 
+def accounting_in_metadata(metadata: dict | None, meta_info: dict) -> dict | None:
+    """`build_endpoint_weight_version_metadata` as SGLang's OpenAI completion and chat endpoints call it (after it):
+    a finished block-diffusion request's accounting joins the response's `metadata` under "block_diffusion", as
+    /generate has it in `meta_info`."""
+    accounting = meta_info.get(ACCOUNTING_KEY)
+    if not accounting:
+        return metadata
+    return {**(metadata or {}), ACCOUNTING_KEY: accounting[0]}
+
+
+def stream_committed_blocks_only(original, accumulator, *, req):
+    """`_GenerationStreamAccumulator.accept`: a streaming block-diffusion request is sent a chunk only when a block
+    was committed or it finished. At SGLang's default stream interval of 1 it is sent one per forward, so every
+    denoising step that commits nothing new to the output would reach the client as an empty chunk."""
+    try:
+        unchanged = (getattr(req, "blockdiff", None) is not None and req.stream and not req.finished()
+                     and len(req.output_ids) == req.send_token_offset)
+    except Exception:  # noqa: BLE001 - never take the scheduler down: stream as SGLang would
+        logger.exception("deciding whether to stream request %s failed", req.rid)
+        unchanged = False
+    if not unchanged:
+        original(accumulator, req=req)
+
+
 def refuse_prompts_without_room(result, scheduler, req):
     """`Scheduler.init_req_max_new_tokens` (after it): a prompt within a token of the context leaves SGLang's
     max_new_tokens at 0, and SGLang would run it anyway; refuse it with a 400 naming the lengths."""
