@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from blockdiff.decoding import DecodeParams, DecodeResult, ReferenceDecoder
 from blockdiff.models import (
     BlockDiffusionSettings,
     build_model,
@@ -68,3 +69,10 @@ def make_served_model(path: Path, arch: str) -> tuple[torch.nn.Module, tuple[int
     cfg["block_diffusion"]["eos_token_ids"] = list(eos)
     (path / "config.json").write_text(json.dumps(cfg))
     return model, eos
+
+
+def reference_decode(model: torch.nn.Module, prompt: list[int], max_tokens: int, threshold: float = 0.95
+                     ) -> DecodeResult:
+    """What a server with `make_tiny_blockdiff_model`'s defaults (block 32, mask 1, EOS 0) must return."""
+    params = DecodeParams(max_tokens=max_tokens, block_size=32, threshold=threshold)
+    return ReferenceDecoder(model, 1, (0,)).generate([prompt], params)[0]

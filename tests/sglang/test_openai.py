@@ -6,13 +6,10 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from blockdiff.decoding import DecodeParams, ReferenceDecoder
 from blockdiff.text import render_chat
 from drivers.servers import free_port, running_server
 from drivers.sglang_cpu import CPU_ENV, launch_command
-from tiny_models import make_tiny_blockdiff_model
-
-B, MASK, EOS = 32, 1, (0,)
+from tiny_models import make_tiny_blockdiff_model, reference_decode
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +25,7 @@ def server(tmp_path_factory):
 
 
 def reference(server, prompt: list[int], max_tokens: int, threshold: float = 0.95):
-    params = DecodeParams(max_tokens=max_tokens, block_size=B, threshold=threshold)
-    return ReferenceDecoder(server["model"], MASK, EOS).generate([prompt], params)[0]
+    return reference_decode(server["model"], prompt, max_tokens, threshold)
 
 
 def complete(server, prompt, max_tokens: int, threshold: float = 0.95, **kwargs):

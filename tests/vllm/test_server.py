@@ -11,13 +11,12 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from blockdiff.decoding import DecodeParams, ReferenceDecoder
 from blockdiff.text import render_chat
 from drivers.servers import abandon_midway, free_port, metric, running_server
-from tiny_models import make_tiny_blockdiff_model
+from tiny_models import make_tiny_blockdiff_model, reference_decode
 from vllm_blockdiff.engine import server_args
 
-B, MASK, EOS = 32, 1, (0,)
+MASK = 1
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +33,7 @@ def server(tmp_path_factory):
 
 
 def reference(server, prompt: list[int], max_tokens: int, threshold: float = 0.95):
-    params = DecodeParams(max_tokens=max_tokens, block_size=B, threshold=threshold)
-    return ReferenceDecoder(server["model"], MASK, EOS).generate([prompt], params)[0]
+    return reference_decode(server["model"], prompt, max_tokens, threshold)
 
 
 def complete(server, prompt, max_tokens: int, threshold: float = 0.95, **kwargs):
