@@ -8,16 +8,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockdiff.decoding import DecodeParams, ReferenceDecoder, oracle_decode
+from blockdiff.masks import block_causal_mask
 from blockdiff.models import (
     BlockDiffusionSettings,
     build_model,
     init_weights,
     load_model,
     save_model,
+    save_weights,
+    tiny_dense_config,
     tiny_llada2_config,
 )
 from blockdiff.models.layers import apply_rope, rope_cos_sin
-from blockdiff.models.llada2_moe import LLaDA2MoeConfig
+from blockdiff.models.llada2_moe import LLaDA2MoeConfig, dense_qwen3_as_llada2
 
 VOCAB, MASK, EOS = 64, 63, 62
 
@@ -159,3 +162,19 @@ def test_transformers_reads_the_llada2_config_and_its_settings(tmp_path, model):
     assert isinstance(hf, LLaDA2MoeHFConfig) and hf.num_experts == 8 and hf.rope_parameters["rope_theta"] == 600000
     assert is_block_diffusion(hf) and block_diffusion_settings(hf).mask_token_id == MASK
     assert block_diffusion_settings(LLaDA2MoeHFConfig(architectures=["LLaDA2MoeModelLM"])).mask_token_id == 156895
+
+
+def test_a_dense_qwen3_written_as_llada2_gives_the_same_logits(tmp_path):
+    """`dense_qwen3_as_llada2` (what benchmarks.peer_engines serves on SGLang's LLaDA2 path): renamed weights and a
+    fused QKV only, so the logits are bit-identical; and an HF directory that loads back as LLaDA2MoeModelLM."""
+    cfg = tiny_dense_config(vocab_size=VOCAB, num_hidden_layers=2)
+    qwen3 = init_weights(build_model(cfg), 0, std=0.2).eval()
+    save_weights(*dense_qwen3_as_llada2(qwen3.state_dict(), cfg), tmp_path)
+    llada2, written = load_model(tmp_path)
+    assert written["architectures"] == ["LLaDA2MoeModelLM"] and written["first_k_dense_replace"] == 2
+    ids = torch.randint(0, VOCAB - 1, (2, 40), generator=torch.Generator().manual_seed(0))
+    positions, mask = torch.arange(40).expand(2, -1), block_causal_mask(40, 8)[None].expand(2, -1, -1)
+    with torch.no_grad():
+        assert torch.equal(qwen3(ids, positions, mask), llada2.eval()(ids, positions, mask))
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        dense_qwen3_as_llada2(qwen3.state_dict(), {**cfg, "model_type": "llama"})

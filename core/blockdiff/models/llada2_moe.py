@@ -198,3 +198,39 @@ def tiny_llada2_config(vocab_size: int, mask_token_id: int, eos_token_id: int, h
         "block_diffusion": {"mask_token_id": mask_token_id, "eos_token_ids": [eos_token_id], "block_size": 32,
                             "threshold": 0.95, "fallback_k": 1},
     }
+
+
+def dense_qwen3_as_llada2(state: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A Qwen3 checkpoint (QK-norm, no attention biases) as a `LLaDA2MoeModelLM` with every layer dense
+    (`first_k_dense_replace` = all layers) and RoPE over the whole head: the same function under LLaDA2's weight
+    names, q/k/v concatenated into `query_key_value`, so a model trained here runs on the engines' LLaDA2 paths. The
+    MoE fields are set to a valid tiny router that no layer uses. Returns the state dict and config.json."""
+    if cfg.get("model_type") != "qwen3" or cfg.get("attention_bias"):
+        raise ValueError(f"needs a Qwen3 config without attention biases, got model_type={cfg.get('model_type')!r}")
+    renames = {"model.embed_tokens.": "model.word_embeddings.", ".self_attn.o_proj.": ".attention.dense.",
+               ".self_attn.q_norm.": ".attention.query_layernorm.", ".self_attn.k_norm.": ".attention.key_layernorm."}
+    out = {}
+    for name, tensor in state.items():
+        if any(f".self_attn.{p}_proj." in name for p in "qkv"):
+            continue
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        out[name] = tensor
+    for i in range(cfg["num_hidden_layers"]):
+        qkv = [state[f"model.layers.{i}.self_attn.{p}_proj.weight"] for p in "qkv"]
+        out[f"model.layers.{i}.attention.query_key_value.weight"] = torch.cat(qkv)
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings",
+            "eos_token_id", "pad_token_id", "block_diffusion", "rope_parameters", "rope_theta")
+    llada2 = {k: cfg[k] for k in keep if k in cfg}
+    llada2.update({"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "dtype": "float32",
+                   "first_k_dense_replace": cfg["num_hidden_layers"], "partial_rotary_factor": 1.0,
+                   "num_experts": 2, "num_experts_per_tok": 1, "num_shared_experts": 1,
+                   "moe_intermediate_size": cfg["intermediate_size"], "n_group": 1, "topk_group": 1,
+                   "routed_scaling_factor": 1.0, "norm_topk_prob": True, "score_function": "sigmoid",
+                   "moe_router_enable_expert_bias": True, "router_dtype": "fp32", "use_qk_norm": True,
+                   "use_rmsnorm": True, "use_bias": False, "use_qkv_bias": False, "hidden_act": "silu",
+                   "embedding_dropout": 0.0, "output_dropout": 0.0})
+    if "rope_theta" not in llada2:
+        llada2["rope_theta"] = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return out, llada2
