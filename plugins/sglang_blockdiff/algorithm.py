@@ -3,10 +3,8 @@
 SGLang runs one block per request at a time and calls `step` after every forward of it. A step proposes and commits
 with the core's rule functions (mask token excluded, fp32, strict threshold, fallback k, per-request seeded sampling);
 the forward after the last commit writes the block's final KV, and that is when the block is reported done (SGLang
-keeps generated blocks' KV). A block that ends its request (an EOS among its generated tokens, or max_tokens reached)
-is done at its last commit: nothing will attend to its KV, so it gets no such forward, as in the reference. EOS and
-max_tokens are SGLang's own finish checks over the emitted block (the checkpoint's EOS ids are stop tokens and
-`ignore_eos` is refused, `validation.py`), which cut exactly where rule 6 does.
+keeps generated blocks' KV). EOS and max_tokens are SGLang's own finish checks over the emitted block, which cut
+exactly where rule 6 does.
 
 This code runs in SGLang's scheduler process, where an exception ends the whole server: whatever goes wrong with one
 request's step ends that request with a 500 naming the error, and the batch goes on.
@@ -67,7 +65,6 @@ class BlockDiff(DllmAlgorithm):
     def __init__(self, config) -> None:
         super().__init__(config)
         self.settings = settings_of(config)
-        self.eos_ids = torch.tensor(self.settings.eos_token_ids)
 
     @classmethod
     def validate_request(cls, req) -> str | None:
@@ -81,24 +78,20 @@ class BlockDiff(DllmAlgorithm):
         bs = forward_batch.batch_size
         logits = full_logits.view(bs, self.block_size, -1)
         ids = forward_batch.input_ids.view(bs, self.block_size)
-        positions = forward_batch.positions.view(bs, self.block_size)
         done = []
         for row, req in enumerate(forward_batch.blockdiff_reqs):
             if req.to_finish is not None or req.finished():  # ended (aborted by SGLang, or failed): let it leave
                 done.append(True)
                 continue
             try:
-                done.append(self.step_request(req, row, logits, ids, forward_batch.dllm_prompt_mask,
-                                              positions[row]))
+                done.append(self.step_request(req, row, logits, ids, forward_batch.dllm_prompt_mask))
             except Exception as e:  # noqa: BLE001 - one request's failure is that request's error
                 end_with_error(req, e)
                 done.append(True)
         return done
 
-    def step_request(self, req, row: int, logits: torch.Tensor, ids: torch.Tensor, prompt_mask,
-                     positions_of_block: torch.Tensor) -> bool:
-        """One denoising step of one request's block; True when this forward wrote the finished block's KV, or when
-        the block, now complete, ends the request."""
+    def step_request(self, req, row: int, logits: torch.Tensor, ids: torch.Tensor, prompt_mask) -> bool:
+        """One denoising step of one request's block; True when this forward wrote the finished block's KV."""
         state = request_decoding(req, self.settings)
         state.nfe += 1
         masked = ids[row] == self.mask_id
@@ -109,16 +102,7 @@ class BlockDiff(DllmAlgorithm):
             return True
         state.denoise_forwards += 1
         denoise_step(ids[row], logits[row], positions, state.params, self.mask_id, state.generator)
-        return self.ends_request(req, ids[row], positions_of_block)
-
-    def ends_request(self, req, block: torch.Tensor, positions: torch.Tensor) -> bool:
-        """Whether `block` (at absolute `positions`), with no masks left, ends the request by rule 6, so that
-        SGLang's finish check will stop it when the block is emitted."""
-        if bool((block == self.mask_id).any()):
-            return False
-        generated = block[positions.cpu() >= len(req.origin_input_ids) + len(req.output_ids)]
-        return (bool(torch.isin(generated, self.eos_ids).any())
-                or len(req.output_ids) + len(generated) >= req.sampling_params.max_new_tokens)
+        return False
 
 
 Algorithm = BlockDiff
