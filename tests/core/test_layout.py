@@ -15,8 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_ROOTS = (ROOT / "core", ROOT / "plugins", ROOT / "apps")
-STACKS = {"vllm", "sglang", "megatron", "nemo", "nemo_run", "lightning", "transformer_engine"}
-ADAPTERS = {"vllm_blockdiff", "sglang_blockdiff", "nemo_dllm"}
+STACKS = {"vllm", "sglang", "megatron", "nemo", "nemo_run", "lightning", "transformer_engine", "lm_eval"}
+ADAPTERS = {"vllm_blockdiff", "sglang_blockdiff", "nemo_dllm", "lm_eval_blockdiff"}
 DEMO = "blockdiff_demo"
 TESTS_MODULES = {p.stem for p in (ROOT / "tests").rglob("*.py")} | {"tests"}
 
