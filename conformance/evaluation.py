@@ -2,8 +2,9 @@
 
 The model is evaluated by lm-eval with `blockdiff` (the core's reference decoder, in this process), and against
 `blockdiff-vllm-serve` and SGLang with `--dllm-algorithm BlockDiff` through lm-eval's own OpenAI-compatible client
-twice: as `blockdiff-completions` (that client, keeping each response's accounting) and as plain `local-completions`
-(outputs and scores only). Each one's outputs must equal the reference's document by document (which makes every
+three times: as `blockdiff-completions` (that client, keeping each response's accounting), as plain
+`local-completions` and as `local-chat-completions` on the expressions task sent as chat (the reference then renders
+the checkpoint's chat template itself; outputs and scores only). Each one's outputs must equal the reference's document by document (which makes every
 score equal); `blockdiff-completions`' cost metrics must be present, and where no stop string cuts an output
 (`until: []`) its TPF must equal the reference's too (a server may stop decoding at a stop string; the reference
 decodes on and cuts the text, as every lm-eval model does). NFE per token is shown, not
@@ -33,15 +34,17 @@ from drivers.stack_servers import COMMANDS, ENV
 from lm_eval_blockdiff import TASKS_DIR
 
 TASKS = ["blockdiff_expressions", "blockdiff_word_problems", "blockdiff_humaneval"]
+CHAT_TASKS = ["blockdiff_expressions"]  # also as chat: lm-eval's chat history, each side's chat template
 SCORES = ("exact_match", "pass@1")
 COSTS = ("tpf", "nfe_per_token", "tokens_per_second")
 CONTEXT = 2048  # tokens: HumanEval's longest prompt in the toy tokenizers (1,260) and its 128 answer tokens
 
 
-def evaluate(model: str, model_args: dict, tasks: list[str], limit: int | None) -> dict:
-    """lm-eval's `simple_evaluate` on this plugin's tasks, samples kept."""
+def evaluate(model: str, model_args: dict, tasks: list[str], limit: int | None, chat: bool = False) -> dict:
+    """lm-eval's `simple_evaluate` on this plugin's tasks, samples kept; `chat`: prompts as chat messages."""
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, limit=limit, log_samples=True,
-                                   task_manager=TaskManager(include_path=str(TASKS_DIR)), confirm_run_unsafe_code=True)
+                                   task_manager=TaskManager(include_path=str(TASKS_DIR)), confirm_run_unsafe_code=True,
+                                   apply_chat_template=chat)
 
 
 def summary(results: dict) -> dict:
@@ -55,7 +58,7 @@ def summary(results: dict) -> dict:
     return out
 
 
-def differences(stack: str, got: dict, want: dict) -> list[str]:
+def differences(stack: str, got: dict, want: dict, accounting: bool) -> list[str]:
     problems = []
     for task, ref in want.items():
         row = got[task]
@@ -64,7 +67,7 @@ def differences(stack: str, got: dict, want: dict) -> list[str]:
                 problems.append(f"[{stack}] {task} doc {i}: output {a!r} != reference {b!r}")
         problems += [f"[{stack}] {task}: {m} {row.get(m)} != reference {ref[m]}" for m in SCORES
                      if m in ref and row.get(m) != ref[m]]
-        if stack.endswith("/local-completions"):  # lm-eval's own client: the text, no accounting
+        if not accounting:  # lm-eval's own clients: the text only
             continue
         problems += [f"[{stack}] {task}: no {m} in lm-eval's results" for m in COSTS[:2] if m not in row]
         if not ref["cuts_at_stop_strings"] and not math.isclose(row.get("tpf", math.nan), ref["tpf"], rel_tol=1e-9):
@@ -81,22 +84,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = args.model.resolve()
     limit = args.limit or None
-    rows = {"reference": summary(evaluate("blockdiff", {"pretrained": str(model)}, TASKS, limit))}
+    reference = {"pretrained": str(model)}
+    rows = {"reference": summary(evaluate("blockdiff", reference, TASKS, limit)),
+            "reference/chat": summary(evaluate("blockdiff", reference, CHAT_TASKS, limit, chat=True))}
     for stack in args.stacks.split(","):
         port = free_port()
         log = args.out.parent / f"lm-eval-{stack}-server.log"
         with running_server(COMMANDS[stack](model, port, True, CONTEXT), port, log, ENV[stack], timeout=600) as url:
-            served = {"base_url": f"{url}/v1/completions", "model": "m", "max_retries": 1, "tokenizer_backend": None}
-            rows[stack] = summary(evaluate("blockdiff-completions", served, TASKS, limit))
-            rows[f"{stack}/local-completions"] = summary(evaluate("local-completions", served, TASKS, limit))
+            served = {"model": "m", "max_retries": 1, "tokenizer_backend": None}
+            completions = {**served, "base_url": f"{url}/v1/completions"}
+            rows[stack] = summary(evaluate("blockdiff-completions", completions, TASKS, limit))
+            rows[f"{stack}/local-completions"] = summary(evaluate("local-completions", completions, TASKS, limit))
+            rows[f"{stack}/local-chat-completions"] = summary(evaluate(
+                "local-chat-completions", {**served, "base_url": f"{url}/v1/chat/completions"}, CHAT_TASKS, limit,
+                chat=True))
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"{'stack':<26}{'task':<26}{'score':>7}{'TPF':>7}{'NFE/tok':>8}{'tok/s':>8}")
+    print(f"{'stack':<30}{'task':<26}{'score':>7}{'TPF':>7}{'NFE/tok':>8}{'tok/s':>8}")
     for stack, tasks in rows.items():
         for task, row in tasks.items():
             score = next(row[m] for m in SCORES if m in row)
-            print(f"{stack:<26}{task:<26}{score:>7.3f}{row.get('tpf', math.nan):>7.2f}"
+            print(f"{stack:<30}{task:<26}{score:>7.3f}{row.get('tpf', math.nan):>7.2f}"
                   f"{row.get('nfe_per_token', math.nan):>8.2f}{row.get('tokens_per_second', math.nan):>8.0f}")
-    problems = [p for stack in rows if stack != "reference" for p in differences(stack, rows[stack], rows["reference"])]
+    problems = [p for name, row in rows.items() if not name.startswith("reference")
+                for p in differences(name, row, rows["reference/chat" if name.endswith("chat-completions")
+                                                     else "reference"], accounting="/" not in name)]
     print("\n".join(problems) if problems else "lm-eval: every stack gave the reference's outputs and scores")
     return 1 if problems else 0
 

