@@ -13,14 +13,31 @@ EOS = "<|endoftext|>"
 MASK = "<|mask|>"
 SPECIAL_TOKENS = (EOS, MASK, "<|user|>", "<|assistant|>")
 # The chat format of the embedded tokenizer: each message as <|role|>content, then <|assistant|> to prompt a reply.
-# `render_chat` is it in Python (training data); CHAT_TEMPLATE the same in Jinja (serving stacks' chat endpoints).
+# Training renders it with `apply_chat_template` as the serving stacks' chat endpoints do.
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    return "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + ("<|assistant|>" if add_generation_prompt
-                                                                           else "")
+def checkpoint_chat_template(model_dir: str | Path) -> str:
+    """The checkpoint's own chat template: `chat_template.jinja` (as transformers 5 saves it) or the
+    `chat_template` of tokenizer_config.json."""
+    model_dir = Path(model_dir)
+    if (model_dir / "chat_template.jinja").exists():
+        return (model_dir / "chat_template.jinja").read_text()
+    template = json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    if not isinstance(template, str):
+        raise ValueError(f"{model_dir} has no chat template (chat_template.jinja or tokenizer_config.json's "
+                         "chat_template)")
+    return template
+
+
+def apply_chat_template(template: str, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """A chat template rendered as transformers renders it (a sandboxed Jinja environment that trims blocks), without
+    transformers: the training venv's transformers cannot read every tokenizer a newer one wrote."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:

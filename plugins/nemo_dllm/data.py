@@ -11,8 +11,16 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from blockdiff.models import BlockDiffusionSettings, read_config
 from blockdiff.noise import pad_to_block_multiple
-from blockdiff.text import EOS, pack_documents, render_chat, special_id
+from blockdiff.text import (
+    EOS,
+    apply_chat_template,
+    checkpoint_chat_template,
+    load_tokenizer,
+    pack_documents,
+    special_id,
+)
 
 
 class DataError(ValueError):
@@ -64,18 +72,24 @@ class Example:
     response: list[int]  # ends with EOS
 
 
-def _chat_prompt(messages: list, where: str) -> tuple[str, str]:
+def _chat_prompt(messages: list, where: str, template: str) -> tuple[str, str]:
     if not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
         raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must be the assistant's, got {messages[-1]['role']!r}")
-    return render_chat(messages[:-1], add_generation_prompt=True), messages[-1]["content"]
+    prompt = apply_chat_template(template, messages[:-1], add_generation_prompt=True)
+    return prompt, messages[-1]["content"]
 
 
-def sft_examples(source: str, tok: Tokenizer) -> list[Example]:
-    """From a JSONL of {"prompt", "response"} or chat-style {"messages": [...]} lines."""
-    eos = special_id(tok, EOS)
-    path, pairs = Path(source), []
+def response_end(checkpoint: str) -> int:
+    """The token that ends a response: the block-diffusion checkpoint's first EOS (a chat model's end of turn)."""
+    return BlockDiffusionSettings.from_config(read_config(checkpoint)).eos_token_ids[0]
+
+
+def sft_examples(source: str, checkpoint: str) -> list[Example]:
+    """From a JSONL of {"prompt", "response"} or chat-style {"messages": [...]} lines, tokenized as the checkpoint
+    reads them: its tokenizer, its chat template for the prompt, its end token after the response."""
+    path, pairs, template = Path(source), [], None
     for lineno, line in enumerate(path.read_text().splitlines() if path.exists() else [], start=1):
         if not line.strip():
             continue
@@ -85,13 +99,15 @@ def sft_examples(source: str, tok: Tokenizer) -> list[Example]:
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg})") from None
         if isinstance(row, dict) and "messages" in row:
-            pairs.append(_chat_prompt(row["messages"], where))
+            template = template or checkpoint_chat_template(checkpoint)
+            pairs.append(_chat_prompt(row["messages"], where, template))
         elif isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k] for k in ("prompt", "response")):
             pairs.append((row["prompt"], row["response"]))
         else:
             raise DataError(f"{where}: expected {{'prompt', 'response'}} strings or a 'messages' list")
     if not pairs:
         raise DataError(f"data file {path} does not exist or has no examples")
+    tok, eos = load_tokenizer(checkpoint), response_end(checkpoint)
     return [Example(tok.encode(p).ids, tok.encode(r).ids + [eos]) for p, r in pairs]
 
 
@@ -102,9 +118,9 @@ class Preference:
     rejected: list[int]
 
 
-def preference_examples(source: str, tok: Tokenizer) -> list[Preference]:
-    """From a JSONL of {"prompt", "chosen", "rejected"} lines."""
-    eos = special_id(tok, EOS)
+def preference_examples(source: str, checkpoint: str) -> list[Preference]:
+    """From a JSONL of {"prompt", "chosen", "rejected"} lines, tokenized as the checkpoint reads them."""
+    tok, eos = load_tokenizer(checkpoint), response_end(checkpoint)
     rows = read_jsonl(source, {"prompt": str, "chosen": str, "rejected": str})
     return [Preference(tok.encode(r["prompt"]).ids, tok.encode(r["chosen"]).ids + [eos],
                        tok.encode(r["rejected"]).ids + [eos]) for r in rows]

@@ -11,6 +11,7 @@ whole sequence on every rank.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,19 @@ def transformer_config(hf_config: dict[str, Any], tp_size: int = 1):
     )
 
 
+# Megatron's (and NeMo's `make_vocab_size_divisible_by`) default unit of vocabulary padding
+VOCAB_PADDING_UNIT = 128
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
+    """The vocabulary Megatron holds: tensor parallelism splits the embedding and output rows evenly, so a vocabulary
+    is padded with zero rows at the end (a real tokenizer plus an added mask token: 49,153 -> 49,280), to a multiple of
+    128 and of the tensor-parallel size. With a power-of-two tensor-parallel size that is the same padding at every
+    size, so a distributed checkpoint resumes at another one (the same rule per tensor-parallel size, as Megatron's,
+    would not)."""
+    return -(-vocab_size // math.lcm(VOCAB_PADDING_UNIT, tp_size)) * math.lcm(VOCAB_PADDING_UNIT, tp_size)
+
+
 def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1, config=None, pre_process: bool = True,
                     post_process: bool = True):
     """An fp32 GPTModel with megatron-core's local (non-Transformer-Engine) layers and the core's attention; with
@@ -61,11 +75,13 @@ def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1, config=None, pr
     spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_norm, normalization="RMSNorm")
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
     spec.submodules.self_attention.submodules.core_attention = BlockDiffusionAttention
-    return GPTModel(config, spec, vocab_size=cfg.vocab_size,
-                    max_sequence_length=hf_config.get("max_position_embeddings", 4096),
-                    parallel_output=True, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-                    position_embedding_type="rope", rotary_base=int(cfg.rope_theta), pre_process=pre_process,
-                    post_process=post_process)
+    model = GPTModel(config, spec, vocab_size=padded_vocab_size(cfg.vocab_size, config.tensor_model_parallel_size),
+                     max_sequence_length=hf_config.get("max_position_embeddings", 4096),
+                     parallel_output=True, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+                     position_embedding_type="rope", rotary_base=int(cfg.rope_theta), pre_process=pre_process,
+                     post_process=post_process)
+    model.checkpoint_vocab_size = cfg.vocab_size  # `forward` returns logits over these tokens only
+    return model
 
 
 def _rope(model, position_ids: Tensor) -> Tensor:
@@ -128,7 +144,8 @@ def forward(model, input_ids: Tensor | None, position_ids: Tensor, allowed: Tens
     if cp_size > 1:
         logits = parallel.gather(logits, 0, parallel_state.get_context_parallel_group(), sum_grads=False)
         logits = logits[torch.argsort(gathered)]
-    return logits.transpose(0, 1).float()
+    # the padding rows' logits are cut off: never scored, never proposed
+    return logits[..., : model.checkpoint_vocab_size].transpose(0, 1).float()
 
 
 def _qkv_rows(cfg: DenseConfig, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -151,10 +168,14 @@ def hf_to_megatron(hf: dict[str, Tensor], hf_config: dict[str, Any], tp_rank: in
     def cols(t: Tensor) -> Tensor:  # row-parallel: split the input dim
         return t.chunk(tp_size, dim=1)[tp_rank].clone()
 
-    out = {"embedding.word_embeddings.weight": rows(hf["model.embed_tokens.weight"]),
+    def vocab_rows(t: Tensor) -> Tensor:
+        padding = padded_vocab_size(cfg.vocab_size, tp_size) - cfg.vocab_size
+        return rows(F.pad(t, (0, 0, 0, padding)))
+
+    out = {"embedding.word_embeddings.weight": vocab_rows(hf["model.embed_tokens.weight"]),
            "decoder.final_layernorm.weight": hf["model.norm.weight"].clone()}
     if not cfg.tie_word_embeddings:
-        out["output_layer.weight"] = rows(hf["lm_head.weight"])
+        out["output_layer.weight"] = vocab_rows(hf["lm_head.weight"])
     for i in range(cfg.num_hidden_layers):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
         qkv = _qkv_rows(cfg, hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
@@ -185,10 +206,10 @@ def megatron_to_hf(shards: list[dict[str, Tensor]], hf_config: dict[str, Any]) -
     def cols(name: str) -> Tensor:
         return torch.cat([s[name] for s in shards], dim=1)
 
-    hf = {"model.embed_tokens.weight": rows("embedding.word_embeddings.weight"),
+    hf = {"model.embed_tokens.weight": rows("embedding.word_embeddings.weight")[: cfg.vocab_size],
           "model.norm.weight": first["decoder.final_layernorm.weight"]}
     if not cfg.tie_word_embeddings:
-        hf["lm_head.weight"] = rows("output_layer.weight")
+        hf["lm_head.weight"] = rows("output_layer.weight")[: cfg.vocab_size]
     d, groups = cfg.head_dim, cfg.num_key_value_heads
     per_group = cfg.num_attention_heads // groups
     for i in range(cfg.num_hidden_layers):

@@ -29,7 +29,9 @@ from nemo_dllm.datamodule import Cycled, PretrainCollate, RecipeData, ResponseCo
 from nemo_dllm.module import BlockDiffusionModule, DPOObjective, PretrainObjective, SFTObjective, megatron_optimizer
 from nemo_dllm.training import AtFitEnd, MetricsLog, TrainerConfig, read_metrics
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# what an HF directory's tokenizer is, besides weights and config: the first two always there, the others as a real
+# checkpoint has them (transformers 5 saves the chat template on its own)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 @dataclass
@@ -136,7 +138,8 @@ def export_hf(model, cfg: dict, tokenizer_dir: str, out: Path, extra: dict | Non
         shutil.rmtree(tmp, ignore_errors=True)
         save_weights(megatron_model.megatron_to_hf(shards, cfg), cfg, tmp)
         for name in TOKENIZER_FILES:
-            shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+            if name in TOKENIZER_FILES[:2] or (Path(tokenizer_dir) / name).exists():
+                shutil.copy(Path(tokenizer_dir) / name, tmp / name)
         if extra:
             (tmp / "training_state.json").write_text(json.dumps(extra, indent=1) + "\n")
         shutil.rmtree(out, ignore_errors=True)
@@ -210,12 +213,25 @@ def _wsd_trainer_config(recipe: WSDConfig) -> TrainerConfig:
     return replace(recipe.trainer, max_steps=schedule.total_steps(recipe.batch_size * recipe.seq_len))
 
 
+def _mask_token_id(init_from: str) -> int:
+    mask_id = load_tokenizer(init_from).token_to_id(MASK)
+    if mask_id is None:
+        raise ValueError(f"wsd_cpt.init_from: the tokenizer of {init_from} has no mask token {MASK!r}; add one with "
+                         f"`python -m blockdiff.models.mask_token {init_from} DST` and convert DST")
+    return mask_id
+
+
 def _wsd_output_config(recipe: WSDConfig) -> dict:
-    """The AR model's HF config with the block-diffusion settings the converted model is served with."""
-    tok = load_tokenizer(recipe.init_from)
-    settings = BlockDiffusionSettings(mask_token_id=special_id(tok, MASK), eos_token_ids=(special_id(tok, EOS),),
+    """The AR model's HF config with the block-diffusion settings the converted model is served with. Its EOS ids are
+    the AR config's (a chat model's end of turn first: responses end with it) and the document separator the
+    pretraining rows are packed with."""
+    tok, cfg = load_tokenizer(recipe.init_from), read_config(recipe.init_from)
+    declared = cfg.get("eos_token_id")
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    eos_ids = tuple(dict.fromkeys([*declared, special_id(tok, EOS)]))
+    settings = BlockDiffusionSettings(mask_token_id=_mask_token_id(recipe.init_from), eos_token_ids=eos_ids,
                                       block_size=recipe.final_block, threshold=recipe.threshold)
-    return with_block_diffusion(read_config(recipe.init_from), settings)
+    return with_block_diffusion(cfg, settings)
 
 
 def wsd_model(recipe: WSDConfig) -> BlockDiffusionModule:
@@ -228,12 +244,12 @@ def wsd_data(recipe: WSDConfig) -> RecipeData:
     """Packed rows of the recipe's documents (every 20th held out), WSD's block size by the global step."""
     trainer = _wsd_trainer_config(recipe)
     micro = trainer.micro_batch(recipe.batch_size)
-    tok = load_tokenizer(recipe.init_from)
+    mask_id, tok = _mask_token_id(recipe.init_from), load_tokenizer(recipe.init_from)
     ids, doc_ids, val_ids, val_doc = data.pretraining_rows(recipe.data, tok, recipe.seq_len)
     if not recipe.document_mask:
         doc_ids = torch.zeros_like(doc_ids)
     train_collate = PretrainCollate(recipe.schedule(), recipe.batch_size, recipe.batch_size * recipe.seq_len,
-                                    special_id(tok, MASK), mask_band(recipe), trainer.seed)
+                                    mask_id, mask_band(recipe), trainer.seed)
     val_collate = replace(train_collate, fixed_block=recipe.final_block)
     return RecipeData(Shuffled(list(zip(ids, doc_ids)), trainer.max_steps * recipe.batch_size, trainer.seed),
                       Cycled(list(zip(val_ids, val_doc)), recipe.batch_size), train_collate, val_collate,
@@ -326,9 +342,9 @@ def response_data(recipe: SFTConfig | DPOConfig) -> RecipeData:
     """(prompt, response) pairs for SFT/CAP, (prompt, chosen, rejected) for DPO; the last 5% held out."""
     trainer = _response_trainer_config(recipe)
     _, settings = _block_diffusion_config(recipe.init_from, recipe.seq_len, trainer)
-    tok = load_tokenizer(recipe.init_from)
     read = data.preference_examples if isinstance(recipe, DPOConfig) else data.sft_examples
-    held_out, train = _split_held_out(read(recipe.data, tok), recipe.data, recipe.seq_len, settings.block_size)
+    held_out, train = _split_held_out(read(recipe.data, recipe.init_from), recipe.data, recipe.seq_len,
+                                      settings.block_size)
     collate = ResponseCollate(recipe.seq_len, settings.block_size, settings.eos_token_ids[0], settings.mask_token_id,
                               mask_band(recipe), trainer.seed)
     return RecipeData(Shuffled(train, trainer.max_steps * recipe.batch_size, trainer.seed),

@@ -4,9 +4,10 @@ from transformers import AutoTokenizer
 from blockdiff.text import (
     EOS,
     MASK,
+    apply_chat_template,
+    checkpoint_chat_template,
     load_tokenizer,
     pack_documents,
-    render_chat,
     save_tokenizer,
     special_id,
     train_tokenizer,
@@ -38,8 +39,9 @@ def test_tokenizer_round_trip_and_transformers_loading(docs, tmp_path):
     assert hf.encode(code) == load_tokenizer(tmp_path).encode(code).ids
     assert hf.eos_token_id == 0 and hf.mask_token_id == 1
     chat = [{"role": "user", "content": "add one"}, {"role": "assistant", "content": "x + 1"}]
-    for prompt in (True, False):  # the served chat template is the training data's chat format
-        assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt) == render_chat(chat, prompt)
+    for prompt in (True, False):  # training renders the checkpoint's chat template as the serving stacks do
+        assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt) == apply_chat_template(
+            checkpoint_chat_template(tmp_path), chat, prompt)
     with pytest.raises(ValueError, match="no special token"):
         special_id(tok, "<|nope|>")
 

@@ -68,3 +68,27 @@ def test_flex_attention_equals_dense_and_trains_densely_on_the_cpu(models, objec
     assert "FlexAttention has no CPU backward" in caplog.text
     for dense_grad, flex_grad in zip(*grads):
         torch.testing.assert_close(flex_grad, dense_grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab, tp_size, padded", [(121, 1, 128), (121, 2, 128), (49153, 2, 49280), (121, 3, 384)])
+def test_a_vocabulary_is_padded_to_split_and_the_padding_never_leaves_megatron(vocab, tp_size, padded):
+    """Zero rows at the end, as many as the unit of 128 and the tensor-parallel split need; HF weights come back
+    without them. (That `forward` cuts the padding's logits off is what the loss tests above check: VOCAB is not a
+    multiple of 128, and a padded logit in the softmax would change every loss.)"""
+    cfg = tiny_dense_config(vocab_size=vocab, hidden_size=8, num_hidden_layers=1, num_attention_heads=6,
+                            num_key_value_heads=3, head_dim=4, intermediate_size=12)
+    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=True)  # as SmolLM2: no QK-norm, tied
+    hf = {name: torch.randn(shape) for name, shape in {
+        "model.embed_tokens.weight": (vocab, 8), "model.norm.weight": (8,),
+        "model.layers.0.self_attn.q_proj.weight": (24, 8), "model.layers.0.self_attn.k_proj.weight": (12, 8),
+        "model.layers.0.self_attn.v_proj.weight": (12, 8), "model.layers.0.self_attn.o_proj.weight": (8, 24),
+        "model.layers.0.input_layernorm.weight": (8,), "model.layers.0.post_attention_layernorm.weight": (8,),
+        "model.layers.0.mlp.gate_proj.weight": (12, 8), "model.layers.0.mlp.up_proj.weight": (12, 8),
+        "model.layers.0.mlp.down_proj.weight": (8, 12)}.items()}
+    assert megatron_model.padded_vocab_size(vocab, tp_size) == padded
+    shards = [megatron_model.hf_to_megatron(hf, cfg, rank, tp_size) for rank in range(tp_size)]
+    embedding = torch.cat([s["embedding.word_embeddings.weight"] for s in shards])
+    assert [s["embedding.word_embeddings.weight"].shape[0] for s in shards] == [padded // tp_size] * tp_size
+    assert torch.equal(embedding[:vocab], hf["model.embed_tokens.weight"]) and not embedding[vocab:].any()
+    back = megatron_model.megatron_to_hf(shards, cfg)
+    assert back.keys() == hf.keys() and all(torch.equal(back[k], hf[k]) for k in hf)

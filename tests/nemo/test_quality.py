@@ -79,7 +79,7 @@ def test_wsd_accuracy_far_above_chance_and_cap_sharpens_right_answers(converted,
     cap = sft(SFTConfig(init_from=str(converted), out_dir=str(tmp_path / "cap"), data=data, seq_len=128,
                         batch_size=8, confidence_weight=2.0, trainer=budget))
     tok = load_tokenizer(converted)
-    examples = recipe_data.sft_examples(data, tok)
+    examples = recipe_data.sft_examples(data, str(converted))
     held_out = [e for e in examples[-40:] if len(e.prompt) < 96][:8]
     ids, response, doc_ids = recipe_data.response_batch([(e.prompt, e.response) for e in held_out], 128, 32,
                                                         special_id(tok, EOS))
@@ -115,7 +115,7 @@ def test_cap_raises_tpf_over_sft_alone_where_the_model_is_right(converted, tmp_p
              if len(tok.encode(p.prompt).ids) <= 64 and 8 <= len(tok.encode(p.response).ids) <= 40][:16]
     data = tmp_path / "functions.jsonl"
     data.write_text("".join(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n" for p in pairs))
-    trained = recipe_data.sft_examples(str(data), tok)[:-1]  # sft holds out the last one for validation
+    trained = recipe_data.sft_examples(str(data), str(converted))[:-1]  # sft holds out the last one for validation
     budget = TrainerConfig(max_steps=300, lr=1e-3, warmup_steps=3, val_every=1000)
     runs = {name: sft(SFTConfig(init_from=str(converted), out_dir=str(tmp_path / name), data=str(data), seq_len=128,
                                 batch_size=8, confidence_weight=weight, trainer=budget))

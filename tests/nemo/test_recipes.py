@@ -186,20 +186,29 @@ def test_sequence_length_not_divisible_fails_before_training(ar_base, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_ar_base_without_a_mask_token_is_named_with_the_fix(ar_base, tmp_path):
+    """A real tokenizer has no mask token (SmolLM2's): the stage says so, and how to add one, before training."""
+    base = tmp_path / "no-mask"
+    shutil.copytree(ar_base, base)
+    (base / "tokenizer.json").write_text((ar_base / "tokenizer.json").read_text().replace("<|mask|>", "<|spare|>"))
+    cfg = WSDConfig(init_from=str(base), out_dir=str(tmp_path / "out"), data="unread.jsonl")
+    with pytest.raises(ValueError, match=r"has no mask token '<\|mask\|>'; add one with `python -m "
+                                         r"blockdiff.models.mask_token"):
+        wsd_cpt(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_data_lines_are_named(ar_base, tmp_path):
     bad = tmp_path / "sft.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
-    from blockdiff.text import load_tokenizer
-
-    tok = load_tokenizer(ar_base)
     with pytest.raises(DataError, match=f"{bad}:2: expected"):
-        sft_examples(str(bad), tok)
+        sft_examples(str(bad), str(ar_base))
     bad.write_text('{"prompt": "x", "chosen": "y", "rejected": "z"}\nnot json\n')
     with pytest.raises(DataError, match=f"{bad}:2: not valid JSON"):
         read_jsonl(bad, {"prompt": str, "chosen": str, "rejected": str})
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(DataError, match=f"{bad}:1: the last message must be the assistant's"):
-        sft_examples(str(bad), tok)
+        sft_examples(str(bad), str(ar_base))
 
 
 def test_sft_on_an_ar_checkpoint_is_refused(ar_base, tmp_path):

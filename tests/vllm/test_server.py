@@ -11,7 +11,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from blockdiff.text import render_chat
+from blockdiff.text import CHAT_TEMPLATE, apply_chat_template
 from drivers.servers import abandon_midway, free_port, metric, running_server
 from tiny_models import make_tiny_blockdiff_model, reference_decode
 from vllm_blockdiff.engine import server_args
@@ -63,7 +63,7 @@ def test_text_prompt_and_chat_match_the_reference(server):
     messages = [{"role": "user", "content": "class A:"}]
     chat = server["client"].chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0,
                                                     extra_body={"return_token_ids": True})
-    want = reference(server, tok.encode(render_chat(messages, add_generation_prompt=True)), 20)
+    want = reference(server, tok.encode(apply_chat_template(CHAT_TEMPLATE, messages, True)), 20)
     # token ids, not text: a random model's byte-level tokens need not form valid UTF-8
     assert chat.choices[0].token_ids == want.tokens and isinstance(chat.choices[0].message.content, str)
     assert chat.usage.completion_tokens == len(want.tokens)
