@@ -6,7 +6,9 @@ inside a block (`choose_eos`). The matrix (`build`) runs every stack on the case
 
 Models: the tiny dense dLLM that this project's `wsd_cpt` recipe produces from a tiny AR base (run in the nemo venv),
 and a tiny random LLaDA2MoeModelLM; each served at block sizes 4, 8 and 32, with an EOS id chosen so that one prompt
-ends inside a block. Prompts: HumanEval prompts and random token prompts on and off block boundaries. Settings:
+ends inside a block; and a real pretrained checkpoint, SmolLM2-135M-Instruct with a mask token added, converted by
+the `wsd_cpt` recipe (at tensor parallel 1 and 3, equal first-step losses) and the `sft` recipe on chat turns, served
+at block 32 with its own EOS ids (end of turn, end of text) on chat prompts rendered by its template. Prompts: HumanEval prompts and random token prompts on and off block boundaries. Settings:
 thresholds 0.95/0.7/0.0, max_tokens on and off block boundaries, batches of 1, 4 and 8. Everything is written to
 `cases.json`; prompts travel as token ids, so every stack sees the same input whatever its tokenizer does.
 """
@@ -66,6 +68,86 @@ def recipe_dense_model(work: Path, nemo_python: str) -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"the wsd_cpt recipe failed:\n{done.stderr[-3000:]}")
     return out / "hf"
+
+
+# The real checkpoint through the recipes, at a size CI affords: WSD over block sizes 1, 4, 64 and 32 (one step each)
+# at tensor parallel 1 and 3 (SmolLM2's 9 query and 3 KV heads split 3 ways, not 2), then 4 steps of SFT on chat turns
+REAL_WSD_SCRIPT = """
+import sys
+from nemo_dllm.stages import WSDConfig, wsd_cpt
+from nemo_dllm.training import TrainerConfig
+if __name__ == "__main__":
+    wsd_cpt(WSDConfig(init_from=sys.argv[1], out_dir=sys.argv[2], data=sys.argv[3], seq_len=64, batch_size=3,
+                      warmup_blocks=[1, 4], decay_blocks=[32], warmup_tokens=192, stable_tokens=192,
+                      decay_tokens=192, trainer=TrainerConfig(val_every=100, save_top_k=1, lr=1e-4, warmup_steps=1,
+                                                              micro_batch_size=1, tensor_parallel=int(sys.argv[4]))))
+"""
+REAL_SFT_SCRIPT = """
+import sys
+from nemo_dllm.stages import SFTConfig, sft
+from nemo_dllm.training import TrainerConfig
+sft(SFTConfig(init_from=sys.argv[1], out_dir=sys.argv[2], data=sys.argv[3], seq_len=128, batch_size=2,
+              trainer=TrainerConfig(max_steps=4, val_every=100, save_top_k=1, lr=1e-4, warmup_steps=1)))
+"""
+REAL_TP = 3
+CHAT_QUESTIONS = ["What is the capital of France?", "Write one sentence about the sea."]
+
+
+def _nemo(nemo_python: str, args: list, what: str, processes: int = 1) -> None:
+    from drivers.servers import free_port
+
+    launch = ([nemo_python, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
+               str(free_port())] if processes > 1 else [nemo_python])
+    done = subprocess.run([*launch, *map(str, args)], capture_output=True, text=True, timeout=1200)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def real_checkpoint_model(work: Path, nemo_python: str, corpus: Path) -> Path:
+    """SmolLM2-135M-Instruct (the GGUF as an HF directory, with a mask token added) converted by the `wsd_cpt` recipe
+    and fine-tuned by the `sft` recipe on the main job's tasks as chat turns. The conversion runs at tensor parallel
+    1 and 3, whose first-step losses must be equal (1e-5): the vocabulary of 49,153 is padded to split."""
+    from blockdiff.models.gguf import gguf_to_hf, smollm2_gguf
+    from blockdiff.models.mask_token import add_mask_token
+    from blockdiff_demo.corpus import chat_rows, training_tasks
+
+    root = work / "smollm2"
+    shutil.rmtree(root, ignore_errors=True)
+    ar = gguf_to_hf(smollm2_gguf(), root / "ar")
+    base = root / "ar-mask"
+    add_mask_token(ar, base)
+    script = root / "wsd.py"
+    script.write_text(REAL_WSD_SCRIPT)
+    for tp in (1, REAL_TP):
+        _nemo(nemo_python, [script, base, root / f"wsd-tp{tp}", corpus, tp], f"wsd_cpt of SmolLM2 at TP {tp}", tp)
+    single, split = _losses(root / "wsd-tp1"), _losses(root / f"wsd-tp{REAL_TP}")
+    if abs(single[0] - split[0]) > 1e-5:
+        raise RuntimeError(f"SmolLM2's first wsd_cpt loss at tensor parallel {REAL_TP} {split[0]} != {single[0]} at 1")
+    chat = root / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(training_tasks(64))))
+    _nemo(nemo_python, ["-c", REAL_SFT_SCRIPT, root / f"wsd-tp{REAL_TP}" / "hf", root / "sft", chat],
+          "sft of SmolLM2 on chat turns")
+    return root / "sft" / "hf"
+
+
+def chat_cases(model: str, path: Path) -> list[dict]:
+    """Chat prompts through the checkpoint's own template (questions and held-out tasks), as token ids: a single
+    request, then a batch of 3 at thresholds 0.95, 0.7 and 0.0."""
+    from blockdiff.text import apply_chat_template, checkpoint_chat_template
+    from blockdiff_demo.corpus import chat_rows, held_out_tasks
+
+    tok, template = load_tokenizer(path), checkpoint_chat_template(path)
+    questions = CHAT_QUESTIONS + [row["messages"][0]["content"] for row in chat_rows(held_out_tasks(2))]
+    prompts = [tok.encode(apply_chat_template(template, [{"role": "user", "content": q}], True)).ids
+               for q in questions]
+    requests = [{"prompt": p, "threshold": t, "max_tokens": n}
+                for p, t, n in zip(prompts, (0.95, 0.95, 0.7, 0.0), (40, 33, 32, 16))]
+    return [{"id": f"{model}/batch0x1", "model": model, "batch": requests[:1]},
+            {"id": f"{model}/batch1x3", "model": model, "batch": requests[1:]}]
 
 
 def random_llada2_model(work: Path, tokenizer_dir: Path) -> Path:
@@ -140,6 +222,9 @@ def build(work: Path, nemo_python: str) -> Path:
     models = {**served_variants("dense", dense, work), **served_variants("llada2", random_llada2_model(work, dense),
                                                                          work)}
     cases = [c for name, path in models.items() for c in cases_for(name, path)]
+    real = real_checkpoint_model(work, nemo_python, work / "corpus.jsonl")
+    models["smollm2-chat"] = real
+    cases += chat_cases("smollm2-chat", real)
     out = work / "cases.json"
     out.write_text(json.dumps({"models": {k: str(v) for k, v in models.items()}, "cases": cases}, indent=1))
     return out

@@ -81,20 +81,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--stacks", default="vllm,sglang")
     parser.add_argument("--limit", type=int, default=8, help="documents per task (0: all)")
+    parser.add_argument("--chat-only", action="store_true",
+                        help="only the chat rows: the checkpoint's template through each server's chat endpoint")
     args = parser.parse_args(argv)
     model = args.model.resolve()
     limit = args.limit or None
     reference = {"pretrained": str(model)}
-    rows = {"reference": summary(evaluate("blockdiff", reference, TASKS, limit)),
-            "reference/chat": summary(evaluate("blockdiff", reference, CHAT_TASKS, limit, chat=True))}
+    rows = {"reference/chat": summary(evaluate("blockdiff", reference, CHAT_TASKS, limit, chat=True))}
+    if not args.chat_only:
+        rows["reference"] = summary(evaluate("blockdiff", reference, TASKS, limit))
     for stack in args.stacks.split(","):
         port = free_port()
         log = args.out.parent / f"lm-eval-{stack}-server.log"
         with running_server(COMMANDS[stack](model, port, True, CONTEXT), port, log, ENV[stack], timeout=600) as url:
             served = {"model": "m", "max_retries": 1, "tokenizer_backend": None}
             completions = {**served, "base_url": f"{url}/v1/completions"}
-            rows[stack] = summary(evaluate("blockdiff-completions", completions, TASKS, limit))
-            rows[f"{stack}/local-completions"] = summary(evaluate("local-completions", completions, TASKS, limit))
+            if not args.chat_only:
+                rows[stack] = summary(evaluate("blockdiff-completions", completions, TASKS, limit))
+                rows[f"{stack}/local-completions"] = summary(evaluate("local-completions", completions, TASKS,
+                                                                      limit))
             rows[f"{stack}/local-chat-completions"] = summary(evaluate(
                 "local-chat-completions", {**served, "base_url": f"{url}/v1/chat/completions"}, CHAT_TASKS, limit,
                 chat=True))

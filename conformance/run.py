@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown stacks {sorted(unknown)}; choose from {', '.join(STACKS)}")
     work = args.work.resolve()
     cases = work / "cases.json"
-    step("cases built (the wsd_cpt recipe's dense model, a random LLaDA2, block sizes 4/8/32)",
+    step("cases built (the wsd_cpt recipe's dense model, a random LLaDA2, block sizes 4/8/32; SmolLM2 converted by "
+         "wsd_cpt at TP 1 and 3 and sft)",
          module_command("core", "conformance.cases", work, envs.ensure("nemo")))
     step("reference decoder", module_command("core", "conformance.runners.reference", cases, work / "reference.json"))
     step("training: Megatron losses vs the core's",
@@ -74,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                                 "--stacks", ",".join(servers))
     print("conformance: lm-eval on the reference and the servers (the wsd_cpt recipe's dense model)", flush=True)
     evaluated = subprocess.run(evaluation, cwd=envs.ROOT, timeout=STEP_TIMEOUT).returncode
-    return matrix or evaluated
+    # the real checkpoint's own chat template, through each server's chat endpoint
+    real_chat = module_command("core", "conformance.evaluation", work / "smollm2" / "sft" / "hf",
+                               work / "lm_eval_smollm2_chat.json", "--stacks", ",".join(servers), "--chat-only",
+                               "--limit", "4")
+    print("conformance: lm-eval chat on the reference and the servers (SmolLM2 converted)", flush=True)
+    chatted = subprocess.run(real_chat, cwd=envs.ROOT, timeout=STEP_TIMEOUT).returncode
+    return matrix or evaluated or chatted
 
 
 if __name__ == "__main__":

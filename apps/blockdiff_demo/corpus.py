@@ -129,12 +129,20 @@ def held_out_tasks(count: int = HELD_OUT_TASKS) -> list[Task]:
     return draw_tasks(count, held_out=True, seed=1)
 
 
+def chat_rows(tasks: list[Task]) -> list[dict]:
+    """Tasks as chat SFT lines ({"messages"}), for a checkpoint with a chat template: the question as the user's turn,
+    the value Python prints as the assistant's."""
+    return [{"messages": [{"role": "user", "content": f"What does Python print for {t.expression}?"},
+                          {"role": "assistant", "content": t.answer}]} for t in tasks]
+
+
 def write_recipe_data(out_dir: Path) -> dict[str, Path]:
     """The recipes' data as JSONL files in `out_dir`: `pretrain` ({"text"}: `pretraining_texts()`), `sft`
     ({"prompt", "response"}: task prompt -> answer; the rows are 32 tokens wide, so SFT can afford batches of 32 in
     the demo's budget, which a documented function's body up to 256 tokens wide in every other batch would not),
     `preferences` ({"prompt", "chosen", "rejected"}: a function's own body over the next function's, a task's answer
-    over the next same-family task's), and `tasks_heldout` ({"family", "prompt", "answer"}: the evaluation set)."""
+    over the next same-family task's), `sft_chat` (the same tasks as chat turns, `chat_rows`) and `tasks_heldout`
+    ({"family", "prompt", "answer"}: the evaluation set)."""
     pairs = [(p.prompt, p.response) for p in function_sft_pairs(stdlib_documents())]
     tasks = training_tasks(SFT_TASKS)
     families = len({t.family for t in tasks})
@@ -144,6 +152,7 @@ def write_recipe_data(out_dir: Path) -> dict[str, Path]:
     random.Random(2).shuffle(preferences)
     rows = {"pretrain": [{"text": text} for text in pretraining_texts()],
             "sft": [{"prompt": t.prompt, "response": t.answer} for t in tasks],
+            "sft_chat": chat_rows(tasks),
             "preferences": [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in preferences],
             "tasks_heldout": [{"family": t.family, "prompt": t.prompt, "answer": t.answer}
                               for t in held_out_tasks()]}

@@ -47,3 +47,6 @@ def test_no_training_file_contains_a_held_out_instance(tmp_path):
         seen = {line + "\n" for text in texts for line in text.splitlines() if line.startswith(">>> ")}
         assert not seen & expressions, name
         assert any(text.startswith(">>> ") for text in texts), f"{name} has no task instances"
+    questions = [json.loads(line)["messages"][0]["content"] for line in paths["sft_chat"].read_text().splitlines()]
+    held_out_questions = {f"What does Python print for {row['prompt'][4:-1]}?" for row in held_out}
+    assert len(questions) == 20_000 and not set(questions) & held_out_questions
