@@ -14,7 +14,9 @@ compared: each stack splits or fuses its prefill and commit forwards its own way
 
 Exit 1 on any difference. `make test` runs it (through `conformance.run`) on the matrix's dense model, the wsd_cpt
 recipe's 10-step conversion of a random AR base: its outputs are valid text, but it is right about nothing, so there
-the check is on outputs and cost, not on a score above 0; `make eval` runs it on the main job's CAP model.
+the check is on outputs and cost, not on a score above 0; `make eval` runs it on the main job's CAP model. An AR
+checkpoint (no `block_diffusion` in its config) is served by each stack's own AR path and decoded greedily by the
+reference: `make test` checks SmolLM2-135M-Instruct so, through the chat endpoints, beside its conversion.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import lm_eval
 from lm_eval.tasks import TaskManager
 
 import lm_eval_blockdiff.models  # noqa: F401  (registers the models)
+from blockdiff.models import read_config
 from drivers.servers import free_port, running_server
 from drivers.stack_servers import COMMANDS, ENV
 from lm_eval_blockdiff import TASKS_DIR
@@ -87,13 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model.resolve()
     limit = args.limit or None
     reference = {"pretrained": str(model)}
+    block_diffusion = "block_diffusion" in read_config(model)
     rows = {"reference/chat": summary(evaluate("blockdiff", reference, CHAT_TASKS, limit, chat=True))}
     if not args.chat_only:
         rows["reference"] = summary(evaluate("blockdiff", reference, TASKS, limit))
     for stack in args.stacks.split(","):
         port = free_port()
         log = args.out.parent / f"lm-eval-{stack}-server.log"
-        with running_server(COMMANDS[stack](model, port, True, CONTEXT), port, log, ENV[stack], timeout=600) as url:
+        with running_server(COMMANDS[stack](model, port, block_diffusion, CONTEXT), port, log, ENV[stack], timeout=600) as url:
             served = {"model": "m", "max_retries": 1, "tokenizer_backend": None}
             completions = {**served, "base_url": f"{url}/v1/completions"}
             if not args.chat_only:

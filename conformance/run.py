@@ -75,12 +75,15 @@ def main(argv: list[str] | None = None) -> int:
                                 "--stacks", ",".join(servers))
     print("conformance: lm-eval on the reference and the servers (the wsd_cpt recipe's dense model)", flush=True)
     evaluated = subprocess.run(evaluation, cwd=envs.ROOT, timeout=STEP_TIMEOUT).returncode
-    # the real checkpoint's own chat template, through each server's chat endpoint
-    real_chat = module_command("core", "conformance.evaluation", work / "smollm2" / "sft" / "hf",
-                               work / "lm_eval_smollm2_chat.json", "--stacks", ",".join(servers), "--chat-only",
-                               "--limit", "4")
-    print("conformance: lm-eval chat on the reference and the servers (SmolLM2 converted)", flush=True)
-    chatted = subprocess.run(real_chat, cwd=envs.ROOT, timeout=STEP_TIMEOUT).returncode
+    # the real checkpoint's own chat template through each server's chat endpoint: converted, and the AR original on
+    # each stack's own AR path
+    chatted = 0
+    for model, what in (("sft/hf", "SmolLM2 converted"), ("ar", "SmolLM2 AR original")):
+        real_chat = module_command("core", "conformance.evaluation", work / "smollm2" / model,
+                                   work / f"lm_eval_smollm2_{model.split('/')[0]}_chat.json", "--stacks",
+                                   ",".join(servers), "--chat-only", "--limit", "4")
+        print(f"conformance: lm-eval chat on the reference and the servers ({what})", flush=True)
+        chatted = subprocess.run(real_chat, cwd=envs.ROOT, timeout=STEP_TIMEOUT).returncode or chatted
     return matrix or evaluated or chatted
 
 

@@ -129,10 +129,15 @@ def held_out_tasks(count: int = HELD_OUT_TASKS) -> list[Task]:
     return draw_tasks(count, held_out=True, seed=1)
 
 
+def chat_question(task: Task) -> str:
+    """A task asked as a chat user would ask it."""
+    return f"What does Python print for {task.expression}?"
+
+
 def chat_rows(tasks: list[Task]) -> list[dict]:
     """Tasks as chat SFT lines ({"messages"}), for a checkpoint with a chat template: the question as the user's turn,
     the value Python prints as the assistant's."""
-    return [{"messages": [{"role": "user", "content": f"What does Python print for {t.expression}?"},
+    return [{"messages": [{"role": "user", "content": chat_question(t)},
                           {"role": "assistant", "content": t.answer}]} for t in tasks]
 
 

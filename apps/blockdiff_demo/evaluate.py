@@ -12,7 +12,8 @@ from pathlib import Path
 
 from blockdiff.decoding import DecodeParams, DecodeResult, ReferenceDecoder, greedy_ar_decode
 from blockdiff.models import BlockDiffusionSettings, load_model
-from blockdiff.text import EOS, load_tokenizer, special_id
+from blockdiff.text import apply_chat_template, checkpoint_chat_template, load_tokenizer
+from blockdiff_demo.corpus import chat_question
 from blockdiff_demo.tasks import Task, is_exact
 
 MAX_ANSWER_TOKENS = 48  # every answer of the family fits with its EOS; diffusion outputs end on a block boundary
@@ -42,9 +43,9 @@ def block_aligned_budget(prompt_len: int, max_tokens: int, block_size: int) -> i
     return budget if budget >= 1 else max_tokens
 
 
-def _score(name: str, tasks: list[Task], results: list[DecodeResult], wall: float, decode, eos: int,
+def _score(name: str, tasks: list[Task], results: list[DecodeResult], wall: float, decode, eos: tuple[int, ...],
            **decoding) -> Evaluation:
-    outputs = [decode([t for t in r.tokens if t != eos]) for r in results]
+    outputs = [decode([t for t in r.tokens if t not in eos]) for r in results]
     right = [is_exact(task, out) for task, out in zip(tasks, outputs)]
     families: dict[str, list[bool]] = defaultdict(list)
     for task, ok in zip(tasks, right):
@@ -56,18 +57,26 @@ def _score(name: str, tasks: list[Task], results: list[DecodeResult], wall: floa
 
 
 def evaluate(model_dir: Path, tasks: list[Task], block_size: int = 32, threshold: float = 0.95,
-             name: str | None = None) -> Evaluation:
+             name: str | None = None, chat: bool = False) -> Evaluation:
     """Decode every task's prompt with the model in `model_dir`: greedily if it is an AR model, else block diffusion
-    at `block_size` / `threshold`; exact match against the answers."""
+    at `block_size` / `threshold`; exact match against the answers. `chat`: each task is asked as a user turn
+    (`chat_question`) rendered by the checkpoint's own chat template, for a chat model such as SmolLM2-Instruct.
+    Decoding stops at any of the checkpoint's EOS ids (the AR config's `eos_token_id`, or block diffusion's)."""
     model, cfg = load_model(model_dir)
     model.eval()
     tok = load_tokenizer(model_dir)
-    eos = special_id(tok, EOS)
-    prompts = [tok.encode(t.prompt).ids for t in tasks]
+    if chat:
+        template = checkpoint_chat_template(model_dir)
+        texts = [apply_chat_template(template, [{"role": "user", "content": chat_question(t)}], True) for t in tasks]
+    else:
+        texts = [t.prompt for t in tasks]
+    prompts = [tok.encode(text).ids for text in texts]
     results, start = [], time.perf_counter()
     if "block_diffusion" not in cfg:
+        eos = cfg["eos_token_id"]
+        eos = tuple(eos) if isinstance(eos, list) else (eos,)
         for p in prompts:
-            results += greedy_ar_decode(model, [p], MAX_ANSWER_TOKENS, (eos,))
+            results += greedy_ar_decode(model, [p], MAX_ANSWER_TOKENS, eos)
         return _score(name or str(model_dir), tasks, results, time.perf_counter() - start, tok.decode, eos)
     settings = BlockDiffusionSettings.from_config(cfg)
     decoder = ReferenceDecoder(model, settings.mask_token_id, settings.eos_token_ids)
@@ -75,8 +84,8 @@ def evaluate(model_dir: Path, tasks: list[Task], block_size: int = 32, threshold
         params = DecodeParams(max_tokens=block_aligned_budget(len(p), MAX_ANSWER_TOKENS, block_size),
                               block_size=block_size, threshold=threshold)
         results += decoder.generate([p], params)
-    return _score(name or str(model_dir), tasks, results, time.perf_counter() - start, tok.decode, eos,
-                  block_size=block_size, threshold=threshold)
+    return _score(name or str(model_dir), tasks, results, time.perf_counter() - start, tok.decode,
+                  settings.eos_token_ids, block_size=block_size, threshold=threshold)
 
 
 def table(evaluations: list[Evaluation]) -> str:

@@ -38,3 +38,28 @@ def test_block_aligned_budget():
     assert block_aligned_budget(10, 64, 32) == 54  # 10 + 54 = 64
     assert block_aligned_budget(32, 64, 32) == 64
     assert block_aligned_budget(40, 16, 32) == 16  # no boundary within reach: the plain budget
+
+
+def test_chat_evaluation_asks_through_the_template_and_stops_at_any_config_eos(tmp_path):
+    """`evaluate(chat=True)`: each task is the user turn of the checkpoint's chat template, and an AR model's output
+    ends at whichever of the config's `eos_token_id` list comes first (a chat model's end of turn, not only EOS)."""
+    from blockdiff.decoding import greedy_ar_decode
+    from blockdiff.models import build_model, init_weights, save_model, tiny_dense_config
+    from blockdiff.text import apply_chat_template, checkpoint_chat_template, save_tokenizer, train_tokenizer
+    from blockdiff_demo.corpus import chat_question, held_out_tasks
+    from blockdiff_demo.evaluate import evaluate
+
+    tasks = held_out_tasks(2)
+    tok = train_tokenizer([t.prompt + t.answer for t in held_out_tasks(50)], 300)
+    save_tokenizer(tok, tmp_path, model_max_length=512)
+    cfg = tiny_dense_config(vocab_size=tok.get_vocab_size(), num_hidden_layers=1)
+    model = init_weights(build_model(cfg), 0)
+    prompt = tok.encode(apply_chat_template(checkpoint_chat_template(tmp_path), [
+        {"role": "user", "content": chat_question(tasks[0])}], True)).ids
+    free = greedy_ar_decode(model, [prompt], 6, ())[0].tokens
+    stop = free[3]
+    cfg["eos_token_id"] = [tok.get_vocab_size() - 1 if stop != tok.get_vocab_size() - 1 else 0, stop]
+    save_model(model, cfg, tmp_path)
+    result = evaluate(tmp_path, tasks, name="chat", chat=True)
+    assert result.outputs[0] == tok.decode(free[:free.index(stop)])
+    assert result.tpf == 1.0 and result.block_size is None
