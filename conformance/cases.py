@@ -63,10 +63,7 @@ def recipe_dense_model(work: Path, nemo_python: str) -> Path:
     save_model(init_weights(build_model(cfg), 0), cfg, base)
     corpus.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
     shutil.rmtree(out, ignore_errors=True)
-    done = subprocess.run([nemo_python, "-c", WSD_SCRIPT, str(base), str(out), str(corpus)], capture_output=True,
-                          text=True, timeout=1200)
-    if done.returncode != 0:
-        raise RuntimeError(f"the wsd_cpt recipe failed:\n{done.stderr[-3000:]}")
+    _nemo(nemo_python, ["-c", WSD_SCRIPT, base, out, corpus], "the wsd_cpt recipe")
     return out / "hf"
 
 
@@ -94,11 +91,9 @@ CHAT_QUESTIONS = ["What is the capital of France?", "Write one sentence about th
 
 
 def _nemo(nemo_python: str, args: list, what: str, processes: int = 1) -> None:
-    from drivers.servers import free_port
+    from drivers.torchrun import launch_command
 
-    launch = ([nemo_python, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
-               str(free_port())] if processes > 1 else [nemo_python])
-    done = subprocess.run([*launch, *map(str, args)], capture_output=True, text=True, timeout=1200)
+    done = subprocess.run([*launch_command(nemo_python, processes), *map(str, args)], capture_output=True, text=True, timeout=1200)
     if done.returncode != 0:
         raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
 

@@ -17,6 +17,7 @@ from blockdiff.masks import bdlm_mask, mdlm_mask
 from blockdiff.models import build_model, init_weights, save_model, tiny_dense_config
 from blockdiff.text import save_tokenizer, train_tokenizer
 from blockdiff_demo.corpus import stdlib_documents
+from drivers.torchrun import launch_command
 from nemo_dllm.parallel import context_parallel_shares
 from nemo_dllm.training import read_metrics
 
@@ -57,12 +58,11 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 def _wsd(inputs, out: Path, processes: int, tensor_parallel: int, pipeline_parallel: int, port: int,
          context_parallel: int = 1) -> list[dict]:
     base, corpus = inputs
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
-              str(port)] if processes > 1 else [sys.executable]
     script = out.parent / "wsd_script.py"
     script.write_text(f"if __name__ == '__main__':\n{textwrap.indent(WSD_SCRIPT, '    ')}")
-    done = subprocess.run([*launch, str(script), str(base), str(out), str(corpus), str(tensor_parallel),
-                           str(pipeline_parallel), str(context_parallel)], capture_output=True, text=True, timeout=900)
+    done = subprocess.run([*launch_command(sys.executable, processes, port), str(script), str(base), str(out),
+                           str(corpus), str(tensor_parallel), str(pipeline_parallel), str(context_parallel)],
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return read_metrics(out / "metrics.jsonl")
 
