@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from nemo import lightning as nl
 from nemo.collections import llm
+from tokenizers import Tokenizer
 
 from blockdiff.merge import merge_checkpoints, select_top_k
 from blockdiff.models import BlockDiffusionSettings, load_model, read_config, save_weights, with_block_diffusion
@@ -213,8 +214,9 @@ def _wsd_trainer_config(recipe: WSDConfig) -> TrainerConfig:
     return replace(recipe.trainer, max_steps=schedule.total_steps(recipe.batch_size * recipe.seq_len))
 
 
-def _mask_token_id(init_from: str) -> int:
-    mask_id = load_tokenizer(init_from).token_to_id(MASK)
+def _mask_token_id(tok: Tokenizer, init_from: str) -> int:
+    """The mask token's id in `tok`, the tokenizer of `init_from`; raises naming the command that adds one."""
+    mask_id = tok.token_to_id(MASK)
     if mask_id is None:
         raise ValueError(f"wsd_cpt.init_from: the tokenizer of {init_from} has no mask token {MASK!r}; add one with "
                          f"`python -m blockdiff.models.mask_token {init_from} DST` and convert DST")
@@ -229,8 +231,9 @@ def _wsd_output_config(recipe: WSDConfig) -> dict:
     declared = cfg.get("eos_token_id")
     declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
     eos_ids = tuple(dict.fromkeys([*declared, special_id(tok, EOS)]))
-    settings = BlockDiffusionSettings(mask_token_id=_mask_token_id(recipe.init_from), eos_token_ids=eos_ids,
-                                      block_size=recipe.final_block, threshold=recipe.threshold)
+    settings = BlockDiffusionSettings(mask_token_id=_mask_token_id(tok, recipe.init_from),
+                                      eos_token_ids=eos_ids, block_size=recipe.final_block,
+                                      threshold=recipe.threshold)
     return with_block_diffusion(cfg, settings)
 
 
@@ -244,7 +247,8 @@ def wsd_data(recipe: WSDConfig) -> RecipeData:
     """Packed rows of the recipe's documents (every 20th held out), WSD's block size by the global step."""
     trainer = _wsd_trainer_config(recipe)
     micro = trainer.micro_batch(recipe.batch_size)
-    mask_id, tok = _mask_token_id(recipe.init_from), load_tokenizer(recipe.init_from)
+    tok = load_tokenizer(recipe.init_from)
+    mask_id = _mask_token_id(tok, recipe.init_from)
     ids, doc_ids, val_ids, val_doc = data.pretraining_rows(recipe.data, tok, recipe.seq_len)
     if not recipe.document_mask:
         doc_ids = torch.zeros_like(doc_ids)
