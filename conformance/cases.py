@@ -93,7 +93,8 @@ CHAT_QUESTIONS = ["What is the capital of France?", "Write one sentence about th
 def _nemo(nemo_python: str, args: list, what: str, processes: int = 1) -> None:
     from drivers.torchrun import launch_command
 
-    done = subprocess.run([*launch_command(nemo_python, processes), *map(str, args)], capture_output=True, text=True, timeout=1200)
+    done = subprocess.run([*launch_command(nemo_python, processes), *map(str, args)], capture_output=True,
+                          text=True, timeout=1200)
     if done.returncode != 0:
         raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
 
@@ -133,10 +134,10 @@ def chat_cases(model: str, path: Path) -> list[dict]:
     """Chat prompts through the checkpoint's own template (questions and held-out tasks), as token ids: a single
     request, then a batch of 3 at thresholds 0.95, 0.7 and 0.0."""
     from blockdiff.text import apply_chat_template, checkpoint_chat_template
-    from blockdiff_demo.corpus import chat_rows, held_out_tasks
+    from blockdiff_demo.corpus import chat_question, held_out_tasks
 
     tok, template = load_tokenizer(path), checkpoint_chat_template(path)
-    questions = CHAT_QUESTIONS + [row["messages"][0]["content"] for row in chat_rows(held_out_tasks(2))]
+    questions = CHAT_QUESTIONS + [chat_question(t) for t in held_out_tasks(2)]
     prompts = [tok.encode(apply_chat_template(template, [{"role": "user", "content": q}], True)).ids
                for q in questions]
     requests = [{"prompt": p, "threshold": t, "max_tokens": n}

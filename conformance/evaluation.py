@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     for stack in args.stacks.split(","):
         port = free_port()
         log = args.out.parent / f"lm-eval-{stack}-server.log"
-        with running_server(COMMANDS[stack](model, port, block_diffusion, CONTEXT), port, log, ENV[stack], timeout=600) as url:
+        command = COMMANDS[stack](model, port, block_diffusion, CONTEXT)
+        with running_server(command, port, log, ENV[stack], timeout=600) as url:
             served = {"model": "m", "max_retries": 1, "tokenizer_backend": None}
             completions = {**served, "base_url": f"{url}/v1/completions"}
             if not args.chat_only:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from blockdiff.decoding import DecodeParams, DecodeResult, ReferenceDecoder, greedy_ar_decode
-from blockdiff.models import BlockDiffusionSettings, load_model
+from blockdiff.models import BlockDiffusionSettings, config_eos_ids, load_model
 from blockdiff.text import apply_chat_template, checkpoint_chat_template, load_tokenizer
 from blockdiff_demo.corpus import chat_question
 from blockdiff_demo.tasks import Task, is_exact
@@ -73,8 +73,7 @@ def evaluate(model_dir: Path, tasks: list[Task], block_size: int = 32, threshold
     prompts = [tok.encode(text).ids for text in texts]
     results, start = [], time.perf_counter()
     if "block_diffusion" not in cfg:
-        eos = cfg["eos_token_id"]
-        eos = tuple(eos) if isinstance(eos, list) else (eos,)
+        eos = config_eos_ids(cfg)
         for p in prompts:
             results += greedy_ar_decode(model, [p], MAX_ANSWER_TOKENS, eos)
         return _score(name or str(model_dir), tasks, results, time.perf_counter() - start, tok.decode, eos)

@@ -26,7 +26,7 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from transformers import AutoTokenizer
 
 from blockdiff.decoding import DecodeParams, ReferenceDecoder, greedy_ar_decode
-from blockdiff.models import BlockDiffusionSettings, load_model
+from blockdiff.models import BlockDiffusionSettings, config_eos_ids, load_model
 from blockdiff.serving import ACCOUNTING_KEY
 
 NO_LIKELIHOOD = ("{kind} requests are not supported by block-diffusion models: decoding fills a block in parallel, "
@@ -101,8 +101,7 @@ class BlockDiffusionLM(LM):
                 raise ValueError(f"blockdiff: {pretrained} is an AR checkpoint (no block_diffusion section in "
                                  "config.json); block_size, threshold and fallback_k do not apply")
             self.decoder, self.settings = None, {}
-            eos = cfg.get("eos_token_id")
-            self.eos = tuple(eos) if isinstance(eos, list) else (eos,)
+            self.eos = config_eos_ids(cfg)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Completion]:
         out = []

@@ -20,7 +20,14 @@ from nemo.collections import llm
 from tokenizers import Tokenizer
 
 from blockdiff.merge import merge_checkpoints, select_top_k
-from blockdiff.models import BlockDiffusionSettings, load_model, read_config, save_weights, with_block_diffusion
+from blockdiff.models import (
+    BlockDiffusionSettings,
+    config_eos_ids,
+    load_model,
+    read_config,
+    save_weights,
+    with_block_diffusion,
+)
 from blockdiff.noise import MaskBand
 from blockdiff.objectives import ReferenceForward, heldout_accuracy
 from blockdiff.schedules import WSDSchedule
@@ -228,9 +235,7 @@ def _wsd_output_config(recipe: WSDConfig) -> dict:
     the AR config's (a chat model's end of turn first: responses end with it) and the document separator the
     pretraining rows are packed with."""
     tok, cfg = load_tokenizer(recipe.init_from), read_config(recipe.init_from)
-    declared = cfg.get("eos_token_id")
-    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
-    eos_ids = tuple(dict.fromkeys([*declared, special_id(tok, EOS)]))
+    eos_ids = tuple(dict.fromkeys([*config_eos_ids(cfg), special_id(tok, EOS)]))
     settings = BlockDiffusionSettings(mask_token_id=_mask_token_id(tok, recipe.init_from),
                                       eos_token_ids=eos_ids, block_size=recipe.final_block,
                                       threshold=recipe.threshold)

@@ -33,6 +33,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "config.json").read_text())
 
 
+def config_eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
+    """The config's `eos_token_id` as a tuple: HF writes one id, a list of them, or none."""
+    eos = cfg.get("eos_token_id")
+    return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+
+
 def build_model(cfg: dict[str, Any]) -> torch.nn.Module:
     arch = (cfg.get("architectures") or [None])[0]
     if arch not in ARCHITECTURES:

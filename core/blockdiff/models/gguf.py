@@ -63,13 +63,13 @@ def greedy_answer(model_dir: Path, question: str, max_tokens: int = 64) -> str:
     from transformers import AutoTokenizer
 
     from blockdiff.decoding import greedy_ar_decode
-    from blockdiff.models.checkpoints import load_model
+    from blockdiff.models.checkpoints import config_eos_ids, load_model
 
     model, cfg = load_model(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                            tokenize=True, return_dict=False)
-    out = greedy_ar_decode(model, [prompt], max_tokens, (cfg["eos_token_id"],))[0]
+    out = greedy_ar_decode(model, [prompt], max_tokens, config_eos_ids(cfg))[0]
     return tokenizer.decode(out.tokens, skip_special_tokens=True)
 
 
