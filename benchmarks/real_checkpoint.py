@@ -91,7 +91,8 @@ def main() -> None:
          "config.trainer.save_top_k=1")
     nemo("llm", "finetune", "--factory", "dllm_sft_tiny", f"model.recipe.init_from={out / 'wsd' / 'hf'}",
          f"model.recipe.out_dir={out / 'sft'}", f"model.recipe.data={data['sft_chat']}", "model.recipe.seq_len=96",
-         "model.recipe.batch_size=8", f"model.recipe.trainer.max_steps={args.sft_steps}", "model.recipe.trainer.lr=1e-4",
+         "model.recipe.batch_size=8", f"model.recipe.trainer.max_steps={args.sft_steps}",
+         "model.recipe.trainer.lr=1e-4",
          "model.recipe.trainer.warmup_steps=4", f"model.recipe.trainer.val_every={args.sft_steps}",
          "model.recipe.trainer.save_top_k=1")
 

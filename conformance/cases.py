@@ -8,7 +8,8 @@ Models: the tiny dense dLLM that this project's `wsd_cpt` recipe produces from a
 and a tiny random LLaDA2MoeModelLM; each served at block sizes 4, 8 and 32, with an EOS id chosen so that one prompt
 ends inside a block; and a real pretrained checkpoint, SmolLM2-135M-Instruct with a mask token added, converted by
 the `wsd_cpt` recipe (at tensor parallel 1 and 3, equal first-step losses) and the `sft` recipe on chat turns, served
-at block 32 with its own EOS ids (end of turn, end of text) on chat prompts rendered by its template. Prompts: HumanEval prompts and random token prompts on and off block boundaries. Settings:
+at block 32 with its own EOS ids (end of turn, end of text) on chat prompts rendered by its template. Prompts:
+HumanEval prompts and random token prompts on and off block boundaries. Settings:
 thresholds 0.95/0.7/0.0, max_tokens on and off block boundaries, batches of 1, 4 and 8. Everything is written to
 `cases.json`; prompts travel as token ids, so every stack sees the same input whatever its tokenizer does.
 """
