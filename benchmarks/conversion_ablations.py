@@ -16,11 +16,11 @@ Writes results/conversion_ablations.json (about 20 minutes).
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 from blockdiff_demo.corpus import held_out_tasks
 from blockdiff_demo.evaluate import evaluate
+from drivers.nemo_cli import run_nemo
 
 ROOT = Path(__file__).resolve().parent.parent
 STEP_TOKENS = 8 * 256  # the tiny WSD recipe's batch x seq_len
@@ -30,9 +30,7 @@ DIRECT = ["model.recipe.warmup_blocks=[32]", "model.recipe.decay_blocks=[32]",
 
 
 def nemo(*args: str) -> None:
-    exe = Path(subprocess.check_output(["python3", "tools/envs.py", "--path", "nemo"], cwd=ROOT, text=True).strip())
-    subprocess.run([str(exe.parent / "nemo"), *args, "--direct", "--yes"], cwd=ROOT, check=True, timeout=1800,
-                   stdout=subprocess.DEVNULL)
+    run_nemo(*args, timeout=1800, quiet=True)
 
 
 def convert(out: Path, name: str, overrides: list[str]) -> Path:

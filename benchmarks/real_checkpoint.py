@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from blockdiff.text import MASK, load_tokenizer, special_id
 from blockdiff_demo.corpus import held_out_tasks, write_recipe_data
 from blockdiff_demo.evaluate import evaluate
 from blockdiff_demo.train import ar_loss
+from drivers.nemo_cli import run_nemo
 from nemo_dllm.data import pretraining_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,9 +44,7 @@ HELD_OUT_ROWS = 16
 
 
 def nemo(*args: str) -> None:
-    """One recipe through NeMo's own CLI, in the nemo venv."""
-    exe = Path(subprocess.check_output(["python3", "tools/envs.py", "--path", "nemo"], cwd=ROOT, text=True).strip())
-    subprocess.run([str(exe.parent / "nemo"), *args, "--direct", "--yes"], cwd=ROOT, check=True, timeout=4 * 3600)
+    run_nemo(*args, timeout=4 * 3600)
 
 
 def held_out_text(model_dir: Path, ids: torch.Tensor, doc_ids: torch.Tensor) -> dict[str, float]:
