@@ -19,6 +19,9 @@ What is patched, and why:
    megatron-core 0.16.1 no longer takes (it takes `config_overrides`); they are dropped when unset (NeMo's defaults).
 5. NeMo's checkpoint loader asserts that CUDA is initialised before moving loaded CUDA tensors to the current GPU
    (`nemo.lightning.io.pl._fix_tensors_device`); on a CPU there are none to move.
+6. megatron-core 0.16.1's MoE router reads `moe_utils.te_general_gemm`, which is defined only when
+   transformer-engine imports (a megatron-core bug on any install without TE; GPU installs have TE): it is set to
+   None, megatron-core's own "no TE" value, so the router's fp32 gating runs in torch.
 """
 
 from __future__ import annotations
@@ -151,6 +154,11 @@ def _patch_megatron() -> None:
         return buf[:numel].view(*tensor_shape)
 
     utils.GlobalMemoryBuffer.get_tensor = get_tensor
+
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):  # patch 6
+        moe_utils.te_general_gemm = None
 
 
 def _redirect_cuda() -> None:  # patch 3

@@ -1,12 +1,12 @@
-"""A Hugging Face dense decoder (Qwen3 / Llama) as a megatron-core GPTModel, weights in and out by name mapping, and
-the forward that block-diffusion training needs.
+"""A Hugging Face decoder (dense Qwen3 / Llama, or LLaDA2.0's MoE: `nemo_dllm.llada2_moe`) as a megatron-core
+GPTModel, weights in and out by name mapping, and the forward that block-diffusion training needs.
 
 GPTModel's own forward numbers RoPE positions 0..S-1 over the input, but the `[x_noisy, x_clean]` input reuses
 positions 0..L-1 for both halves and packed documents restart them. So `forward` runs GPTModel's own submodules
 (embedding, decoder, output layer) with rotary embeddings computed from explicit position ids, and the core's mask
 in the core's attention (`nemo_dllm.attention`). Under context parallelism each rank runs its share of the sequence,
-balanced by attention work (`parallel.context_parallel_shares`), and the logits are gathered back into sequence order, so the objective sees the
-whole sequence on every rank.
+balanced by attention work (`parallel.context_parallel_shares`), and the logits are gathered back into sequence
+order, so the objective sees the whole sequence on every rank.
 """
 
 from __future__ import annotations
@@ -20,17 +20,24 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from blockdiff.models import DenseConfig
-from nemo_dllm import parallel
+from blockdiff.models import DenseConfig, LLaDA2MoeConfig
+from nemo_dllm import llada2_moe, parallel
 from nemo_dllm.attention import BlockDiffusionAttention
 
 
+def model_config(hf_config: dict[str, Any]) -> DenseConfig | LLaDA2MoeConfig:
+    """The core's reading of the checkpoint's config.json (the fields both architectures share name the same)."""
+    return (LLaDA2MoeConfig if llada2_moe.is_llada2(hf_config) else DenseConfig).from_hf(hf_config)
+
+
 def transformer_config(hf_config: dict[str, Any], tp_size: int = 1):
-    """megatron-core's TransformerConfig for an HF dense decoder: fp32, local (non-TE) layers, no fusions. The
-    parallel sizes are NeMo's strategy's to set (`set_model_parallel_attributes`)."""
+    """megatron-core's TransformerConfig for an HF decoder: fp32, local (non-TE) layers, no fusions; LLaDA2.0's MoE
+    layers as `llada2_moe.moe_fields`. The parallel sizes are NeMo's strategy's to set
+    (`set_model_parallel_attributes`)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    cfg = DenseConfig.from_hf(hf_config)
+    cfg = model_config(hf_config)
+    moe = llada2_moe.moe_fields(cfg) if isinstance(cfg, LLaDA2MoeConfig) else {}
     return TransformerConfig(
         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_key_value_heads, kv_channels=cfg.head_dim, ffn_hidden_size=cfg.intermediate_size,
@@ -44,7 +51,8 @@ def transformer_config(hf_config: dict[str, Any], tp_size: int = 1):
         # stages send shapes first; on gloo, sends and receives go one by one (batched ones are matched out of order)
         variable_seq_lengths=True, pipeline_dtype=torch.float32, batch_p2p_comm=torch.cuda.is_available(),
         batch_p2p_sync=torch.cuda.is_available(),
-        moe_token_dispatcher_type="alltoall",  # no MoE here; megatron-core refuses the default with variable lengths
+        moe_token_dispatcher_type="alltoall",  # megatron-core refuses the default with variable lengths
+        **moe,
     )
 
 
@@ -67,18 +75,28 @@ def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1, config=None, pr
     pipeline parallelism, this rank's stage (`pre_process`: it embeds, `post_process`: it has the output layer).
     Parallel state must be initialised."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 
-    cfg = DenseConfig.from_hf(hf_config)
+    cfg = model_config(hf_config)
     config = config or transformer_config(hf_config, tp_size)
-    spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_norm, normalization="RMSNorm")
-    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
-    spec.submodules.self_attention.submodules.core_attention = BlockDiffusionAttention
+    if isinstance(cfg, LLaDA2MoeConfig):  # dense and MoE layers, as `config.moe_layer_freq` says
+        llada2_moe.check_training_config(config)
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+        layers = spec.layer_specs
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_norm, normalization="RMSNorm")
+        layers = [spec]
+    for layer in layers:
+        layer.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+        layer.submodules.self_attention.submodules.core_attention = BlockDiffusionAttention
+        if config.num_moe_experts and hasattr(layer.submodules.mlp.submodules, "router"):
+            layer.submodules.mlp.submodules.router = llada2_moe.router_class()
     model = GPTModel(config, spec, vocab_size=padded_vocab_size(cfg.vocab_size, config.tensor_model_parallel_size),
                      max_sequence_length=hf_config.get("max_position_embeddings", 4096),
                      parallel_output=True, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-                     position_embedding_type="rope", rotary_base=int(cfg.rope_theta), pre_process=pre_process,
+                     position_embedding_type="rope", rotary_base=int(cfg.rope_theta),
+                     rotary_percent=cfg.rotary_dim / cfg.head_dim, pre_process=pre_process,
                      post_process=post_process)
     model.checkpoint_vocab_size = cfg.vocab_size  # `forward` returns logits over these tokens only
     return model
@@ -148,7 +166,7 @@ def forward(model, input_ids: Tensor | None, position_ids: Tensor, allowed: Tens
     return logits[..., : model.checkpoint_vocab_size].transpose(0, 1).float()
 
 
-def _qkv_rows(cfg: DenseConfig, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _qkv_rows(cfg: DenseConfig | LLaDA2MoeConfig, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Megatron's fused QKV weight: per query group, that group's query heads, then its key, then its value."""
     d, groups = cfg.head_dim, cfg.num_key_value_heads
     per_group = cfg.num_attention_heads // groups
@@ -157,10 +175,15 @@ def _qkv_rows(cfg: DenseConfig, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.cat([q, k, v], dim=1)  # [groups, (per_group + 2) * d, hidden]
 
 
-def hf_to_megatron(hf: dict[str, Tensor], hf_config: dict[str, Any], tp_rank: int = 0, tp_size: int = 1
-                   ) -> dict[str, Tensor]:
-    """This rank's shard of the Megatron state dict from HF weights (names as Qwen3/LlamaForCausalLM)."""
-    cfg = DenseConfig.from_hf(hf_config)
+def _embedding_name(hf_config: dict[str, Any]) -> str:
+    return "model.word_embeddings.weight" if llada2_moe.is_llada2(hf_config) else "model.embed_tokens.weight"
+
+
+def hf_to_megatron(hf: dict[str, Tensor], hf_config: dict[str, Any], tp_rank: int = 0, tp_size: int = 1,
+                   ep_rank: int = 0, ep_size: int = 1) -> dict[str, Tensor]:
+    """This rank's shard of the Megatron state dict from HF weights (names as Qwen3/LlamaForCausalLM or
+    LLaDA2MoeModelLM; a MoE layer's experts are this expert-parallel rank's share, numbered locally)."""
+    cfg = model_config(hf_config)
 
     def rows(t: Tensor) -> Tensor:  # column-parallel: split the output dim
         return t.chunk(tp_size, dim=0)[tp_rank].clone()
@@ -172,16 +195,21 @@ def hf_to_megatron(hf: dict[str, Tensor], hf_config: dict[str, Any], tp_rank: in
         padding = padded_vocab_size(cfg.vocab_size, tp_size) - cfg.vocab_size
         return rows(F.pad(t, (0, 0, 0, padding)))
 
-    out = {"embedding.word_embeddings.weight": vocab_rows(hf["model.embed_tokens.weight"]),
+    def qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return _qkv_rows(cfg, q, k, v).chunk(tp_size, dim=0)[tp_rank].reshape(-1, cfg.hidden_size).clone()
+
+    out = {"embedding.word_embeddings.weight": vocab_rows(hf[_embedding_name(hf_config)]),
            "decoder.final_layernorm.weight": hf["model.norm.weight"].clone()}
     if not cfg.tie_word_embeddings:
         out["output_layer.weight"] = vocab_rows(hf["lm_head.weight"])
     for i in range(cfg.num_hidden_layers):
+        if isinstance(cfg, LLaDA2MoeConfig):
+            out.update(llada2_moe.hf_to_megatron(hf, cfg, i, rows, cols, qkv, ep_rank, ep_size))
+            continue
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        qkv = _qkv_rows(cfg, hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
-                        hf[src + "self_attn.v_proj.weight"])
-        out[dst + "self_attention.linear_qkv.weight"] = qkv.chunk(tp_size, dim=0)[tp_rank].reshape(
-            -1, cfg.hidden_size).clone()
+        out[dst + "self_attention.linear_qkv.weight"] = qkv(hf[src + "self_attn.q_proj.weight"],
+                                                            hf[src + "self_attn.k_proj.weight"],
+                                                            hf[src + "self_attn.v_proj.weight"])
         out[dst + "self_attention.linear_proj.weight"] = cols(hf[src + "self_attn.o_proj.weight"])
         out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"].clone()
         out[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"].clone()
@@ -196,8 +224,9 @@ def hf_to_megatron(hf: dict[str, Tensor], hf_config: dict[str, Any], tp_rank: in
 
 
 def megatron_to_hf(shards: list[dict[str, Tensor]], hf_config: dict[str, Any]) -> dict[str, Tensor]:
-    """HF weights from every tensor-parallel rank's Megatron state dict (rank order)."""
-    cfg = DenseConfig.from_hf(hf_config)
+    """HF weights from every tensor-parallel rank's Megatron state dict (rank order; experts numbered globally, as
+    `megatron_state` names them)."""
+    cfg = model_config(hf_config)
     first = shards[0]
 
     def rows(name: str) -> Tensor:
@@ -206,7 +235,11 @@ def megatron_to_hf(shards: list[dict[str, Tensor]], hf_config: dict[str, Any]) -
     def cols(name: str) -> Tensor:
         return torch.cat([s[name] for s in shards], dim=1)
 
-    hf = {"model.embed_tokens.weight": rows("embedding.word_embeddings.weight")[: cfg.vocab_size],
+    def gated_halves(name: str) -> tuple[Tensor, Tensor]:  # each rank's [gate rows; up rows], back to gate and up
+        halves = [s[name].chunk(2, dim=0) for s in shards]
+        return torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])
+
+    hf = {_embedding_name(hf_config): rows("embedding.word_embeddings.weight")[: cfg.vocab_size],
           "model.norm.weight": first["decoder.final_layernorm.weight"]}
     if not cfg.tie_word_embeddings:
         hf["lm_head.weight"] = rows("output_layer.weight")[: cfg.vocab_size]
@@ -215,18 +248,22 @@ def megatron_to_hf(shards: list[dict[str, Tensor]], hf_config: dict[str, Any]) -
     for i in range(cfg.num_hidden_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         qkv = rows(src + "self_attention.linear_qkv.weight").view(groups, (per_group + 2) * d, -1)
-        hf[dst + "self_attn.q_proj.weight"] = qkv[:, : per_group * d].reshape(-1, cfg.hidden_size)
-        hf[dst + "self_attn.k_proj.weight"] = qkv[:, per_group * d: (per_group + 1) * d].reshape(-1, cfg.hidden_size)
-        hf[dst + "self_attn.v_proj.weight"] = qkv[:, (per_group + 1) * d:].reshape(-1, cfg.hidden_size)
+        q = qkv[:, : per_group * d].reshape(-1, cfg.hidden_size)
+        k = qkv[:, per_group * d: (per_group + 1) * d].reshape(-1, cfg.hidden_size)
+        v = qkv[:, (per_group + 1) * d:].reshape(-1, cfg.hidden_size)
+        if isinstance(cfg, LLaDA2MoeConfig):
+            hf[dst + "attention.query_key_value.weight"] = torch.cat([q, k, v])
+            hf.update(llada2_moe.megatron_to_hf(first, cfg, i, rows, cols, gated_halves))
+            continue
+        hf[dst + "self_attn.q_proj.weight"], hf[dst + "self_attn.k_proj.weight"] = q, k
+        hf[dst + "self_attn.v_proj.weight"] = v
         hf[dst + "self_attn.o_proj.weight"] = cols(src + "self_attention.linear_proj.weight")
         hf[dst + "input_layernorm.weight"] = first[src + "input_layernorm.weight"]
         hf[dst + "post_attention_layernorm.weight"] = first[src + "pre_mlp_layernorm.weight"]
         if cfg.qk_norm:
             hf[dst + "self_attn.q_norm.weight"] = first[src + "self_attention.q_layernorm.weight"]
             hf[dst + "self_attn.k_norm.weight"] = first[src + "self_attention.k_layernorm.weight"]
-        fc1 = [s[src + "mlp.linear_fc1.weight"].chunk(2, dim=0) for s in shards]
-        hf[dst + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1], dim=0)
-        hf[dst + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1], dim=0)
+        hf[dst + "mlp.gate_proj.weight"], hf[dst + "mlp.up_proj.weight"] = gated_halves(src + "mlp.linear_fc1.weight")
         hf[dst + "mlp.down_proj.weight"] = cols(src + "mlp.linear_fc2.weight")
     return {k: v.contiguous() for k, v in hf.items()}
 
@@ -269,10 +306,11 @@ def whole_model_names(state: dict[str, Tensor], model) -> dict[str, Tensor]:
     return out
 
 
-def load_hf_weights(model, hf: dict[str, Tensor], hf_config: dict[str, Any], tp_rank: int, tp_size: int) -> None:
-    """Load HF weights into this rank's GPTModel (its tensor-parallel shard of its pipeline stage), strictly
-    (Megatron's extra `_extra_state` entries aside)."""
-    state = stage_state(hf_to_megatron(hf, hf_config, tp_rank, tp_size), model)
+def load_hf_weights(model, hf: dict[str, Tensor], hf_config: dict[str, Any], tp_rank: int, tp_size: int,
+                    ep_rank: int = 0, ep_size: int = 1) -> None:
+    """Load HF weights into this rank's GPTModel (its tensor-parallel shard of its pipeline stage, its
+    expert-parallel share of the experts), strictly (Megatron's extra `_extra_state` entries aside)."""
+    state = stage_state(hf_to_megatron(hf, hf_config, tp_rank, tp_size, ep_rank, ep_size), model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("_extra_state")]
     if missing or unexpected:
@@ -280,7 +318,27 @@ def load_hf_weights(model, hf: dict[str, Tensor], hf_config: dict[str, Any], tp_
                          f"unexpected {unexpected[:5]}")
 
 
+def _global_expert_names(state: dict[str, Tensor], model) -> dict[str, Tensor]:
+    """Experts under their whole-model numbers: expert parallelism gives each rank a contiguous share, numbered
+    from 0 on every rank."""
+    config = model.config
+    if not config.num_moe_experts:
+        return state
+    from megatron.core import parallel_state
+
+    ep_size = config.expert_model_parallel_size
+    offset = parallel_state.get_expert_model_parallel_rank() * (config.num_moe_experts // ep_size) if ep_size > 1 else 0
+    out = {}
+    for name, tensor in state.items():
+        if ".local_experts." in name:
+            head, tail = name.split(".local_experts.", 1)
+            local, rest = tail.split(".", 1)
+            name = f"{head}.local_experts.{int(local) + offset}.{rest}"
+        out[name] = tensor
+    return out
+
+
 def megatron_state(model) -> dict[str, Tensor]:
-    """This rank's tensors under their whole-model names."""
-    return whole_model_names({k: v.detach().clone() for k, v in model.state_dict().items()
-                              if not k.endswith("_extra_state")}, model)
+    """This rank's tensors under their whole-model names (layers and experts numbered as in the whole model)."""
+    return _global_expert_names(whole_model_names({k: v.detach().clone() for k, v in model.state_dict().items()
+                                                   if not k.endswith("_extra_state")}, model), model)

@@ -97,6 +97,22 @@ def test_nemo_seeds_the_cpu_tracker_and_calls_megatrons_optimizer_with_what_it_t
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+def test_megatrons_moe_router_needs_te_general_gemm_and_gets_megatrons_no_te_value():
+    """megatron-core 0.16.1's router gating reads `moe_utils.te_general_gemm`, defined only where transformer-engine
+    imports (patch 6)."""
+    code = """
+        import torch
+        from megatron.core.transformer.moe import moe_utils
+        {patch}
+        logits = moe_utils.router_gating_linear(torch.randn(3, 4), torch.randn(2, 4), None, torch.float32)
+        assert logits.shape == (3, 2)
+    """
+    without = run(code.format(patch=""))
+    assert without.returncode != 0 and "te_general_gemm" in without.stderr, without.stderr[-2000:]
+    patched = run(code.format(patch="from nemo_dllm import cpu_compat; cpu_compat.apply()"))
+    assert patched.returncode == 0, patched.stderr[-3000:]
+
+
 def test_with_a_gpu_apply_changes_nothing():
     out = run("""
         import torch

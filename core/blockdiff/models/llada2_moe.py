@@ -4,7 +4,8 @@ weight names.
 Layout: fused QKV, RMSNorm on q and k per head before a partial RoPE (the first `partial_rotary_factor` of each head,
 half-split layout), the first `first_k_dense_replace` layers dense, the rest a sigmoid router with an expert bias used
 for selection only, group-limited top-k (a group's score is the sum of its two best biased scores), top-k weights
-renormalised and scaled by `routed_scaling_factor`, plus an always-on shared expert; untied head. The forward takes an
+renormalised when k > 1 (as the public training code does; a config whose `norm_topk_prob` says otherwise is refused)
+and scaled by `routed_scaling_factor`, plus an always-on shared expert; untied head. The forward takes an
 explicit attention mask like the dense reference, so the same decoders and oracle run it.
 """
 
@@ -52,10 +53,24 @@ class LLaDA2MoeConfig:
         if self.num_experts_per_tok > self.topk_group * self.num_experts // self.n_group:
             raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} exceeds the experts of "
                              f"{self.topk_group} groups")
+        if self.n_group > 1 and self.num_experts // self.n_group < 2:
+            raise ValueError(f"a group is scored by its two best experts: {self.num_experts} experts in "
+                             f"{self.n_group} groups leaves fewer than two per group")
+        # LLaDA2's training code renormalises the routed weights exactly when top_k > 1 and does not read
+        # norm_topk_prob; a config on which the two readings differ would be trained and served differently
+        has_moe = self.first_k_dense_replace < self.num_hidden_layers
+        if has_moe and self.norm_topk_prob != (self.num_experts_per_tok > 1):
+            raise ValueError(f"norm_topk_prob={self.norm_topk_prob} with num_experts_per_tok="
+                             f"{self.num_experts_per_tok}: LLaDA2 renormalises the routed weights exactly when "
+                             f"more than one expert is chosen; set norm_topk_prob={self.num_experts_per_tok > 1}")
 
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def qk_norm(self) -> bool:  # RMSNorm on q and k per head, always (as `DenseConfig.qk_norm` says for Qwen3)
+        return True
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "LLaDA2MoeConfig":
@@ -98,6 +113,25 @@ class Attention(nn.Module):
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
 
 
+def route(scores: Tensor, expert_bias: Tensor, n_group: int, topk_group: int, top_k: int, scaling: float
+          ) -> tuple[Tensor, Tensor]:
+    """LLaDA2's routing, from sigmoid scores [tokens, experts] (fp32): the `topk_group` groups with the highest sum of
+    their two best biased scores, the `top_k` best biased experts inside them; their weights are the unbiased scores,
+    renormalised when more than one is chosen, times `scaling`. Returns (expert ids, weights), each [tokens, top_k].
+    The one routing rule: the core's router and the Megatron model's (`nemo_dllm.llada2_moe`) both call it."""
+    biased = scores + expert_bias.float()
+    tokens = len(scores)
+    best_groups = biased.view(tokens, n_group, -1).topk(2, dim=-1).values.sum(-1).topk(topk_group, dim=-1).indices
+    keep = torch.zeros(tokens, n_group, dtype=torch.bool, device=scores.device)
+    keep[torch.arange(tokens, device=scores.device)[:, None], best_groups] = True
+    biased = biased.masked_fill(~keep.repeat_interleave(scores.shape[1] // n_group, dim=1), float("-inf"))
+    experts = biased.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, experts)
+    if top_k > 1:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return experts, weights * scaling
+
+
 class Router(nn.Module):
     """`mlp.gate`: sigmoid scores; the expert bias steers which experts are chosen but not their weights."""
 
@@ -111,17 +145,8 @@ class Router(nn.Module):
         """x [tokens, hidden] -> (expert ids [tokens, k], weights [tokens, k])."""
         cfg = self.cfg
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
-        biased = scores + self.expert_bias.float()
-        grouped = biased.view(len(x), cfg.n_group, -1)
-        best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(cfg.topk_group, dim=-1).indices
-        keep = torch.zeros(len(x), cfg.n_group, dtype=torch.bool, device=x.device)
-        keep[torch.arange(len(x))[:, None], best_groups] = True
-        biased = biased.masked_fill(~keep.repeat_interleave(cfg.num_experts // cfg.n_group, dim=1), float("-inf"))
-        experts = biased.topk(cfg.num_experts_per_tok, dim=-1).indices
-        weights = scores.gather(1, experts)
-        if cfg.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return experts, weights * cfg.routed_scaling_factor
+        return route(scores, self.expert_bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
+                     cfg.routed_scaling_factor)
 
 
 class MoE(nn.Module):
