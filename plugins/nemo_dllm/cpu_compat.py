@@ -22,6 +22,13 @@ What is patched, and why:
 6. megatron-core 0.16.1's MoE router reads `moe_utils.te_general_gemm`, which is defined only when
    transformer-engine imports (a megatron-core bug on any install without TE; GPU installs have TE): it is set to
    None, megatron-core's own "no TE" value, so the router's fp32 gating runs in torch.
+7. Megatron's all-to-all token dispatcher (expert parallelism) copies its split sizes to the host as numpy arrays
+   with `maybe_move_tensor_to_cpu(..., as_numpy=True)`, which converts only tensors that are on a GPU; on a CPU the
+   sizes stay tensors, which `all_to_all_single` refuses. They are converted here too.
+8. Under tensor parallelism Megatron's MoE dispatcher gathers and reduce-scatters tokens in parts of unequal size
+   (each rank routes its own tokens), which NCCL does and gloo does not ("invalid tensor size"; gloo has no
+   reduce-scatter of a list). On gloo the unequal gather pads every part to the largest and cuts them back, and the
+   unequal reduce-scatter sums the whole tensor and keeps this rank's part: the same values, more bytes moved.
 """
 
 from __future__ import annotations
@@ -159,6 +166,37 @@ def _patch_megatron() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):  # patch 6
         moe_utils.te_general_gemm = None
+
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):  # patch 7
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):  # patch 8
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = int(max(output_split_sizes))
+        padded = torch.cat([input_, input_.new_zeros(longest - len(input_), *input_.shape[1:])])
+        parts = gather(padded, group).split(longest)
+        return torch.cat([part[: int(n)] for part, n in zip(parts, output_split_sizes)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.clone()
+        torch.distributed.all_reduce(total, group=group)
+        return total.split([int(n) for n in input_split_sizes])[group.rank()].clone()
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
 def _redirect_cuda() -> None:  # patch 3

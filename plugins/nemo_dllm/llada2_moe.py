@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from blockdiff.models import LLaDA2MoeConfig
@@ -60,10 +61,16 @@ def check_training_config(config) -> None:
 
 
 def router_class():
-    """megatron-core's TopKRouter routing as `blockdiff.models.llada2_moe.route` (imported late: megatron)."""
+    """megatron-core's TopKRouter routing as `blockdiff.models.llada2_moe.route` (imported late: megatron), and
+    counting each expert's tokens in training forwards for the step's log (`expert_load`; Megatron's own count,
+    `local_tokens_per_expert`, is spent and reset by the bias update before the step ends)."""
     from megatron.core.transformer.moe.router import TopKRouter
 
     class LLaDA2Router(TopKRouter):
+        def __init__(self, config, pg_collection=None) -> None:
+            super().__init__(config=config, pg_collection=pg_collection)
+            self.register_buffer("step_load", torch.zeros(config.num_moe_experts), persistent=False)
+
         def routing(self, logits: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
             c = self.config
             logits = logits.view(-1, c.num_moe_experts)
@@ -73,9 +80,33 @@ def router_class():
             routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, experts, True)
             self._apply_expert_bias(routing_map, padding_mask=None if padding_mask is None
                                     else padding_mask.reshape(-1))
+            if self.training and torch.is_grad_enabled():
+                self.step_load += routing_map.sum(dim=0)
             return probs, routing_map
 
     return LLaDA2Router
+
+
+def expert_load(model) -> dict[str, list[int]]:
+    """Tokens each expert of each MoE layer received in training forwards since the last call, summed over the
+    tensor-, context- and data-parallel ranks (each routes its own tokens) and gathered from every pipeline stage:
+    {layer index: [tokens per expert]}; empty for a dense model. Resets the counts. Every rank calls it."""
+    from megatron.core import parallel_state
+
+    loads = {}
+    for layer in model.decoder.layers:
+        router = getattr(layer.mlp, "router", None)
+        if router is None:
+            continue
+        counts = router.step_load.clone()
+        router.step_load.zero_()
+        dist.all_reduce(counts, group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
+        loads[str(layer.layer_number - 1)] = [int(n) for n in counts.tolist()]
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(stages, loads, group=parallel_state.get_pipeline_model_parallel_group())
+        loads = {layer: load for stage in stages for layer, load in stage.items()}
+    return loads
 
 
 def hf_to_megatron(hf: dict[str, Tensor], cfg: LLaDA2MoeConfig, layer: int, rows, cols, qkv_rows,

@@ -56,6 +56,17 @@ def transformer_config(hf_config: dict[str, Any], tp_size: int = 1):
     )
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """megatron-core's torch RMSNorm (`WrappedTorchNorm`, the same module), which also runs under sequence parallelism:
+    each tensor-parallel rank then normalises its own slice of the sequence, so the weight's gradient is summed over
+    the ranks, which Megatron's `finalize_model_grads` does for parameters marked `sequence_parallel`
+    (WrappedTorchNorm refuses sequence parallelism instead of marking its weight)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 # Megatron's (and NeMo's `make_vocab_size_divisible_by`) default unit of vocabulary padding
 VOCAB_PADDING_UNIT = 128
 
@@ -75,21 +86,31 @@ def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1, config=None, pr
     pipeline parallelism, this rank's stage (`pre_process`: it embeds, `post_process`: it has the output layer).
     Parallel state must be initialised."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.enums import AttnMaskType
 
     cfg = model_config(hf_config)
     config = config or transformer_config(hf_config, tp_size)
-    if isinstance(cfg, LLaDA2MoeConfig):  # dense and MoE layers, as `config.moe_layer_freq` says
+    ep_size = config.expert_model_parallel_size
+    if ep_size > 1 and (not config.num_moe_experts or config.num_moe_experts % ep_size):
+        raise ValueError(f"trainer.expert_parallel {ep_size} needs a MoE model whose experts it divides; "
+                         f"{hf_config['architectures'][0]} has {config.num_moe_experts or 'no'} experts")
+    if config.num_moe_experts and config.tensor_model_parallel_size > 1 and not config.sequence_parallel:
+        raise ValueError(f"trainer.tensor_parallel {config.tensor_model_parallel_size} on a MoE model needs "
+                         "trainer.sequence_parallel: true (megatron-core runs MoE layers under tensor parallelism "
+                         "only with sequence parallelism)")
+    if isinstance(cfg, LLaDA2MoeConfig):
         llada2_moe.check_training_config(config)
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
-        layers = spec.layer_specs
-    else:
-        spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_norm, normalization="RMSNorm")
-        layers = [spec]
-    for layer in layers:
-        layer.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
-        layer.submodules.self_attention.submodules.core_attention = BlockDiffusionAttention
+    # this pipeline stage's layers (dense, or dense and MoE as `config.moe_layer_freq` says), local (non-TE) modules
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    spec.layer_norm = RMSNorm
+    for layer in spec.layer_specs:
+        layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = RMSNorm
+        attention = layer.submodules.self_attention
+        attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+        attention.submodules.core_attention = BlockDiffusionAttention
+        if cfg.qk_norm:
+            attention.submodules.q_layernorm = attention.submodules.k_layernorm = RMSNorm
         if config.num_moe_experts and hasattr(layer.submodules.mlp.submodules, "router"):
             layer.submodules.mlp.submodules.router = llada2_moe.router_class()
     model = GPTModel(config, spec, vocab_size=padded_vocab_size(cfg.vocab_size, config.tensor_model_parallel_size),
@@ -97,6 +118,7 @@ def build_gpt_model(hf_config: dict[str, Any], tp_size: int = 1, config=None, pr
                      parallel_output=True, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
                      position_embedding_type="rope", rotary_base=int(cfg.rope_theta),
                      rotary_percent=cfg.rotary_dim / cfg.head_dim, pre_process=pre_process,
+                     scatter_embedding_sequence_parallel=False,  # `forward` slices it: the objective needs it whole
                      post_process=post_process)
     model.checkpoint_vocab_size = cfg.vocab_size  # `forward` returns logits over these tokens only
     return model
@@ -149,6 +171,8 @@ def forward(model, input_ids: Tensor | None, position_ids: Tensor, allowed: Tens
         rows, gathered = shares[cp_rank], torch.cat(shares)
         hidden, position_ids = hidden[rows], position_ids[:, rows]
         allowed = allowed[:, rows][:, :, gathered]  # keys arrive gathered in rank order (`nemo_dllm.attention`)
+    if model.config.sequence_parallel:
+        hidden = _sequence_parallel_input(hidden if model.pre_process else None, position_ids.shape[1], allowed)
     mask = allowed if isinstance(allowed, BlockMask) else allowed[:, None]
     # a stage after the first reads its input from the previous stage (set by the schedule), whatever is passed
     hidden = model.decoder(hidden_states=hidden if model.pre_process else None, attention_mask=mask,
@@ -164,6 +188,23 @@ def forward(model, input_ids: Tensor | None, position_ids: Tensor, allowed: Tens
         logits = logits[torch.argsort(gathered)]
     # the padding rows' logits are cut off: never scored, never proposed
     return logits[..., : model.checkpoint_vocab_size].transpose(0, 1).float()
+
+
+def _sequence_parallel_input(hidden: Tensor | None, length: int, allowed: Tensor | BlockMask) -> Tensor | None:
+    """Megatron's sequence parallelism (required with MoE layers under tensor parallelism): each tensor-parallel rank
+    runs its slice of the sequence between attention blocks, so the decoder's input is this rank's slice of the
+    embedding, which stays whole until here (the objective adds its noise to it). Rows are a multiple of the block
+    size (and `[x_noisy, x_clean]` twice that), so an even tensor-parallel split of them is the rule."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if isinstance(allowed, BlockMask):
+        raise ValueError("FlexAttention block masks do not run under sequence parallelism: use dense attention")
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if length % tp_size:
+        raise ValueError(f"sequence parallelism splits each row over the {tp_size} tensor-parallel ranks: a row of "
+                         f"{length} positions does not split evenly")
+    # the first pipeline stage's whole embedding; later stages receive their slice from the previous stage
+    return None if hidden is None else tensor_parallel.scatter_to_sequence_parallel_region(hidden)
 
 
 def _qkv_rows(cfg: DenseConfig | LLaDA2MoeConfig, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

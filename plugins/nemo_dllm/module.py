@@ -130,7 +130,8 @@ def megatron_optimizer(lr: float, weight_decay: float, grad_clip: float, warmup_
 
 
 class BlockDiffusionModule(L.LightningModule, io.IOMixin):
-    """A dense HF decoder (Qwen3, Llama) trained on a block-diffusion objective by NeMo's Megatron strategy.
+    """An HF decoder (dense Qwen3 / Llama, or LLaDA2.0's MoE) trained on a block-diffusion objective by NeMo's
+    Megatron strategy.
 
     `init_from` is the HF directory the weights start from; `reference_from`, when given, is loaded as a frozen
     reference (DPO). `config` is megatron-core's TransformerConfig, into which the strategy writes the parallel sizes.
@@ -169,7 +170,8 @@ class BlockDiffusionModule(L.LightningModule, io.IOMixin):
         model = megatron_model.build_gpt_model(self.hf_config, config=self.config,
                                                pre_process=parallel_state.is_pipeline_first_stage(),
                                                post_process=parallel_state.is_pipeline_last_stage())
-        megatron_model.load_hf_weights(model, weights, self.hf_config, tp_rank, tp_size)
+        ep_rank, ep_size = parallel.ep_rank_and_size()
+        megatron_model.load_hf_weights(model, weights, self.hf_config, tp_rank, tp_size, ep_rank, ep_size)
         return model.to(parallel.device())
 
     def gpt_model(self):

@@ -60,12 +60,23 @@ def tp_rank_and_size() -> tuple[int, int]:
     return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
 
 
+def ep_rank_and_size() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_world_size()
+
+
 def layout() -> dict[str, int]:
-    """The parallel sizes Megatron is running with (as NeMo's strategy set them up), for the run's summary."""
+    """The parallel sizes Megatron is running with (as NeMo's strategy set them up), for the run's summary; expert
+    parallelism only where it is on."""
     from megatron.core import parallel_state as ps
 
-    return {"tensor": ps.get_tensor_model_parallel_world_size(), "pipeline": ps.get_pipeline_model_parallel_world_size(),
-            "context": ps.get_context_parallel_world_size(), "data": ps.get_data_parallel_world_size()}
+    sizes = {"tensor": ps.get_tensor_model_parallel_world_size(),
+             "pipeline": ps.get_pipeline_model_parallel_world_size(),
+             "context": ps.get_context_parallel_world_size(), "data": ps.get_data_parallel_world_size()}
+    if ps.get_expert_model_parallel_world_size() > 1:
+        sizes["expert"] = ps.get_expert_model_parallel_world_size()
+    return sizes
 
 
 def cp_rank_and_size() -> tuple[int, int]:

@@ -131,10 +131,13 @@ def _check_seq_len(seq_len: int, block: int) -> None:
 
 
 def export_hf(model, cfg: dict, tokenizer_dir: str, out: Path, extra: dict | None = None) -> Path:
-    """Gather every tensor-parallel shard of every pipeline stage and write an HF directory (rank 0), atomically."""
+    """Gather every tensor-parallel shard of every pipeline stage (and every expert-parallel rank's experts) and write
+    an HF directory (rank 0), atomically."""
     from megatron.core import parallel_state
 
-    group = parallel_state.get_model_parallel_group()
+    # tensor x pipeline x expert ranks hold every tensor between them (the expert group equals the model-parallel
+    # group without expert parallelism; dense tensors gathered twice from data-parallel replicas are the same)
+    group = parallel_state.get_expert_tensor_model_pipeline_parallel_group()
     parts = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, (parallel_state.get_tensor_model_parallel_rank(),
                                    megatron_model.megatron_state(model)), group=group)

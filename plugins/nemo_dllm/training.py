@@ -21,6 +21,7 @@ from nemo import lightning as nl
 from nemo.lightning.ckpt_utils import ckpt_to_dir
 
 from nemo_dllm import cpu_compat
+from nemo_dllm.llada2_moe import expert_load
 
 
 @dataclass
@@ -38,11 +39,13 @@ class TrainerConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     context_parallel: int = 1
+    expert_parallel: int = 1  # MoE models: experts split over this many of the data(x context)-parallel ranks
+    sequence_parallel: bool = False  # Megatron's: needed by MoE layers under tensor parallelism
     attention: str = "dense"  # "flex": FlexAttention with the core's block mask (dense where a CPU needs gradients)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "val_every", "save_top_k", "seed", "tensor_parallel", "pipeline_parallel",
-                    "context_parallel"):
+                    "context_parallel", "expert_parallel"):
             if getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
         if self.micro_batch_size < 0:
@@ -51,6 +54,9 @@ class TrainerConfig:
             raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
         if self.attention not in ("dense", "flex"):
             raise ValueError(f"trainer.attention must be 'dense' or 'flex', got {self.attention!r}")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("trainer.sequence_parallel splits the sequence over the tensor-parallel ranks: it needs "
+                             "trainer.tensor_parallel > 1")
         if self.attention == "flex" and self.context_parallel > 1:
             raise ValueError(f"trainer.attention 'flex' does not run with trainer.context_parallel "
                              f"{self.context_parallel}: context parallel attention takes the dense mask")
@@ -66,7 +72,11 @@ class TrainerConfig:
             raise ValueError(f"trainer.tensor_parallel x pipeline_parallel x context_parallel = "
                              f"{self.tensor_parallel} x {self.pipeline_parallel} x {self.context_parallel} does not "
                              f"divide the {self.world_size()} processes")
-        return self.world_size() // model_parallel
+        data_parallel = self.world_size() // model_parallel
+        if (data_parallel * self.context_parallel) % self.expert_parallel:
+            raise ValueError(f"trainer.expert_parallel {self.expert_parallel} does not divide the data x context "
+                             f"parallel ranks ({data_parallel} x {self.context_parallel}) it splits the experts over")
+        return data_parallel
 
     def check_rows_split(self, tokens: int, what: str) -> None:
         """Under context parallelism every row splits evenly over the context-parallel ranks: rows of `tokens`
@@ -90,7 +100,8 @@ class TrainerConfig:
 
 
 class MetricsLog(L.Callback):
-    """`<out_dir>/metrics.jsonl`: one record per step (loss, learning rate, and what `extra(step)` adds), and
+    """`<out_dir>/metrics.jsonl`: one record per step (loss, learning rate, a MoE model's tokens per expert of each
+    layer as `expert_load`, and what `extra(step)` adds), and
     `<out_dir>/validation.jsonl`: the validation loss after each validated step, both written by rank 0. A resumed
     run first drops the records of steps after its checkpoint (they are replayed)."""
 
@@ -124,6 +135,9 @@ class MetricsLog(L.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         record = {"step": step, "loss": float(loss), "lr": self.lr,
                   **(self.extra(step) if self.extra else {})}
+        load = expert_load(pl_module.gpt_model())  # every rank: it sums over them
+        if load:
+            record["expert_load"] = load
         if trainer.global_rank == 0:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -182,8 +196,8 @@ def trainer(cfg: TrainerConfig, global_batch_size: int, callbacks: list[L.Callba
     cpu_compat.apply()
     strategy = nl.MegatronStrategy(
         tensor_model_parallel_size=cfg.tensor_parallel, pipeline_model_parallel_size=cfg.pipeline_parallel,
-        context_parallel_size=cfg.context_parallel,
-        ckpt_async_save=False,  # the async writer needs CUDA
+        context_parallel_size=cfg.context_parallel, expert_model_parallel_size=cfg.expert_parallel,
+        sequence_parallel=cfg.sequence_parallel, ckpt_async_save=False,  # the async writer needs CUDA
         ckpt_load_optimizer=True, ckpt_save_optimizer=True,
     )
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -10,6 +10,7 @@ from blockdiff.models import build_model, init_weights, tiny_llada2_config
 from blockdiff.objectives import ReferenceForward, diffusion_logits, pretrain_loss
 from conformance.runners.training import fixed_batch
 from nemo_dllm import megatron_model
+from nemo_dllm.llada2_moe import expert_load
 from nemo_dllm.megatron_model import DiffusionForward
 
 VOCAB, MASK, EOS = 64, 63, 62
@@ -153,3 +154,27 @@ def test_the_expert_bias_follows_the_experts_load(megatron_single_process):
     for router, load, bias in zip(routers, loads, before):
         torch.testing.assert_close(router.expert_bias - bias, 1e-3 * torch.sign(load.mean() - load))
     assert gpt.config.moe_router_bias_update_rate == 1e-3 and gpt.config.moe_aux_loss_coeff == 0.0
+    # what the step's log records per layer (`MetricsLog`): the same counts, read once
+    assert expert_load(gpt) == {"1": loads[0].long().tolist(), "2": loads[1].long().tolist()}
+    assert all(sum(load) == 0 for load in expert_load(gpt).values())
+
+
+def test_layouts_a_moe_model_cannot_run_are_refused_naming_the_key(megatron_single_process, monkeypatch):
+    from blockdiff.models import tiny_dense_config
+    from nemo_dllm.training import TrainerConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="trainer.expert_parallel 4 does not divide"):
+        TrainerConfig(expert_parallel=4).data_parallel()
+    with pytest.raises(ValueError, match=r"trainer.sequence_parallel .* needs trainer.tensor_parallel > 1"):
+        TrainerConfig(sequence_parallel=True)
+    config = megatron_model.transformer_config(CONFIG)
+    config.tensor_model_parallel_size = 2
+    with pytest.raises(ValueError, match="trainer.tensor_parallel 2 on a MoE model needs trainer.sequence_parallel"):
+        megatron_model.build_gpt_model(CONFIG, config=config)
+    dense = tiny_dense_config(vocab_size=VOCAB, num_hidden_layers=1)
+    for cfg, experts in ((dense, "no"), (CONFIG, 8)):
+        config = megatron_model.transformer_config(cfg)
+        config.expert_model_parallel_size = 3
+        with pytest.raises(ValueError, match=f"trainer.expert_parallel 3 needs a MoE model.*has {experts} experts"):
+            megatron_model.build_gpt_model(cfg, config=config)
