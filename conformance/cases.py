@@ -8,7 +8,9 @@ Models: the tiny dense dLLM that this project's `wsd_cpt` recipe produces from a
 and a tiny random LLaDA2MoeModelLM; each served at block sizes 4, 8 and 32, with an EOS id chosen so that one prompt
 ends inside a block; and a real pretrained checkpoint, SmolLM2-135M-Instruct with a mask token added, converted by
 the `wsd_cpt` recipe (at tensor parallel 1 and 3, equal first-step losses) and the `sft` recipe on chat turns, served
-at block 32 with its own EOS ids (end of turn, end of text) on chat prompts rendered by its template. Prompts:
+at block 32 with its own EOS ids (end of turn, end of text) on chat prompts rendered by its template; and a tiny
+LLaDA2MoeModelLM taken through every recipe stage (wsd_cpt, merge, sft, cap, dpo) on Megatron's MoE layers, served at
+block 32. Prompts:
 HumanEval prompts and random token prompts on and off block boundaries. Settings:
 thresholds 0.95/0.7/0.0, max_tokens on and off block boundaries, batches of 1, 4 and 8. Everything is written to
 `cases.json`; prompts travel as token ids, so every stack sees the same input whatever its tokenizer does.
@@ -147,13 +149,53 @@ def chat_cases(model: str, path: Path) -> list[dict]:
             {"id": f"{model}/batch1x3", "model": model, "batch": requests[1:]}]
 
 
+# Every recipe stage on LLaDA2.0's MoE architecture, in one process: wsd_cpt (8 steps), the top-2 merge, sft, cap
+# and dpo (3 steps each) on code prompts
+MOE_PIPELINE_SCRIPT = """
+import sys
+from nemo_dllm.stages import DPOConfig, MergeConfig, SFTConfig, WSDConfig, dpo, merge, sft, wsd_cpt
+from nemo_dllm.training import TrainerConfig
+base, root, corpus, responses, preferences = sys.argv[1:6]
+short = dict(val_every=2, save_top_k=2, lr=2e-3, warmup_steps=1)
+wsd_cpt(WSDConfig(init_from=base, out_dir=f"{root}/wsd_cpt", data=corpus, seq_len=64, batch_size=2,
+                  warmup_tokens=4 * 128, stable_tokens=2 * 128, decay_tokens=2 * 128, trainer=TrainerConfig(**short)))
+merge(MergeConfig(run_dir=f"{root}/wsd_cpt", out_dir=f"{root}/merged"))
+sft(SFTConfig(init_from=f"{root}/merged", out_dir=f"{root}/sft", data=responses, seq_len=64, batch_size=2,
+              trainer=TrainerConfig(max_steps=3, **short)))
+sft(SFTConfig(init_from=f"{root}/sft/hf", out_dir=f"{root}/cap", data=responses, seq_len=64, batch_size=2,
+              confidence_weight=2.0, trainer=TrainerConfig(max_steps=3, **short)))
+dpo(DPOConfig(init_from=f"{root}/cap/hf", out_dir=f"{root}/dpo", data=preferences, seq_len=64, batch_size=2,
+              trainer=TrainerConfig(max_steps=3, **short)))
+"""
+
+
 def random_llada2_model(work: Path, tokenizer_dir: Path) -> Path:
+    """Near-flat logits: what catches the mutation of `conformance.mutation` (see the README)."""
     path = work / "llada2"
     tok = load_tokenizer(tokenizer_dir)
     save_tokenizer(tok, path, model_max_length=1024)
     cfg = tiny_llada2_config(tok.get_vocab_size(), mask_token_id=MASK, eos_token_id=EOS)
     save_model(init_weights(build_model(cfg), 0, std=0.2), cfg, path)
     return path
+
+
+def recipe_llada2_model(work: Path, nemo_python: str, tokenizer_dir: Path) -> Path:
+    """A tiny random LLaDA2MoeModelLM (3 layers, the first dense; 8 experts, top-2, 4 groups) taken through every
+    recipe stage on Megatron's MoE layers: the DPO stage's HF export."""
+    root, base = work / "llada2-recipes", work / "llada2-base"
+    shutil.rmtree(root, ignore_errors=True)
+    tok = load_tokenizer(tokenizer_dir)
+    save_tokenizer(tok, base, model_max_length=1024)
+    cfg = tiny_llada2_config(tok.get_vocab_size(), mask_token_id=MASK, eos_token_id=EOS)
+    save_model(init_weights(build_model(cfg), 0, std=0.2), cfg, base)
+    responses, preferences = work / "code_responses.jsonl", work / "code_preferences.jsonl"
+    responses.write_text("".join(json.dumps({"prompt": f"def add_{i}(x):", "response": f"    return x + {i}"}) + "\n"
+                                 for i in range(64)))
+    preferences.write_text("".join(json.dumps({"prompt": f"def add_{i}(x):", "chosen": f"    return x + {i}",
+                                               "rejected": f"    return x - {i}"}) + "\n" for i in range(64)))
+    _nemo(nemo_python, ["-c", MOE_PIPELINE_SCRIPT, base, root, work / "corpus.jsonl", responses, preferences],
+          "the recipe stages on LLaDA2MoeModelLM")
+    return root / "dpo" / "hf"
 
 
 def probe_request(block_size: int) -> dict:
@@ -173,11 +215,12 @@ def choose_eos(model: torch.nn.Module, block_size: int) -> int:
     raise RuntimeError(f"no token to make an EOS in {out}")
 
 
-def served_variants(name: str, source: Path, work: Path) -> dict[str, Path]:
+def served_variants(name: str, source: Path, work: Path, block_sizes: tuple[int, ...] = BLOCK_SIZES
+                    ) -> dict[str, Path]:
     """One directory per block size: the same weights, `block_diffusion` set to that block size and the EOS ids."""
     model, cfg = load_model(source)
     variants = {}
-    for b in BLOCK_SIZES:
+    for b in block_sizes:
         path = work / f"{name}-b{b}"
         shutil.rmtree(path, ignore_errors=True)
         shutil.copytree(source, path, ignore=shutil.ignore_patterns("*.pt", "checkpoints"))
@@ -217,7 +260,8 @@ def build(work: Path, nemo_python: str) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     dense = recipe_dense_model(work, nemo_python)
     models = {**served_variants("dense", dense, work), **served_variants("llada2", random_llada2_model(work, dense),
-                                                                         work)}
+                                                                         work),
+              **served_variants("llada2-recipes", recipe_llada2_model(work, nemo_python, dense), work, (32,))}
     cases = [c for name, path in models.items() for c in cases_for(name, path)]
     real = real_checkpoint_model(work, nemo_python, work / "corpus.jsonl")
     models["smollm2-chat"] = real
