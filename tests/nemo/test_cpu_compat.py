@@ -113,6 +113,44 @@ def test_megatrons_moe_router_needs_te_general_gemm_and_gets_megatrons_no_te_val
     assert patched.returncode == 0, patched.stderr[-3000:]
 
 
+GLOO_MOE_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+if sys.argv[1] == "patched":
+    from nemo_dllm import cpu_compat
+    cpu_compat.apply()
+from megatron.core.tensor_parallel import mappings
+from megatron.core.transformer.moe import token_dispatcher
+dist.init_process_group("gloo")
+rank, group = dist.get_rank(), dist.new_group([0, 1])
+sizes = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([2, 3]), as_numpy=True)
+assert not torch.is_tensor(sizes), "split sizes stayed a tensor"
+mine = torch.full((2 + rank, 4), float(rank + 1))  # rank 0 routed 2 tokens, rank 1 routed 3
+assert mappings._gather_along_first_dim(mine, group, sizes).tolist() == [[1.0] * 4] * 2 + [[2.0] * 4] * 3
+part = mappings._reduce_scatter_along_first_dim(torch.full((5, 4), float(rank + 1)), group, sizes)
+assert part.shape == (2 + rank, 4) and bool((part == 3).all())
+"""
+
+
+def test_megatrons_moe_dispatch_gathers_unequal_parts_on_gloo(tmp_path):
+    """Patches 7 and 8, over two gloo processes: the all-to-all dispatcher's split sizes reach the collectives as
+    numpy, and gathers and reduce-scatters of unequal parts (each rank routed its own tokens) give NCCL's results."""
+    from drivers.torchrun import launch_command
+
+    script = tmp_path / "gloo_moe.py"
+    script.write_text(GLOO_MOE_SCRIPT)
+
+    def launch(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*launch_command(sys.executable, 2), str(script), mode], capture_output=True, text=True,
+                              timeout=300)
+
+    without = launch("unpatched")
+    assert without.returncode != 0 and "split sizes stayed a tensor" in without.stderr, without.stderr[-2000:]
+    patched = launch("patched")
+    assert patched.returncode == 0, patched.stderr[-3000:]
+
+
 def test_with_a_gpu_apply_changes_nothing():
     out = run("""
         import torch
