@@ -5,12 +5,11 @@ inside a block (`choose_eos`). The matrix (`build`) runs every stack on the case
 (tests/vllm, tests/sglang, tests/core/test_naive_oracle.py) draw theirs from `request_sets` and `load_requests`.
 
 Models: the tiny dense dLLM that this project's `wsd_cpt` recipe produces from a tiny AR base (run in the nemo venv),
-and a tiny random LLaDA2MoeModelLM; each served at block sizes 4, 8 and 32, with an EOS id chosen so that one prompt
-ends inside a block; and a real pretrained checkpoint, SmolLM2-135M-Instruct with a mask token added, converted by
+served at block sizes 4, 8 and 32, and LLaDA2MoeModelLM at the same three: a tiny random one at 4 and 8, a tiny one
+taken through every recipe stage (wsd_cpt, merge, sft, cap, dpo) on Megatron's MoE layers at 32; each with an EOS id
+chosen so that one prompt ends inside a block; and a real pretrained checkpoint, SmolLM2-135M-Instruct with a mask token added, converted by
 the `wsd_cpt` recipe (at tensor parallel 1 and 3, equal first-step losses) and the `sft` recipe on chat turns, served
-at block 32 with its own EOS ids (end of turn, end of text) on chat prompts rendered by its template; and a tiny
-LLaDA2MoeModelLM taken through every recipe stage (wsd_cpt, merge, sft, cap, dpo) on Megatron's MoE layers, served at
-block 32. Prompts:
+at block 32 with its own EOS ids (end of turn, end of text) on chat prompts rendered by its template. Prompts:
 HumanEval prompts and random token prompts on and off block boundaries. Settings:
 thresholds 0.95/0.7/0.0, max_tokens on and off block boundaries, batches of 1, 4 and 8. Everything is written to
 `cases.json`; prompts travel as token ids, so every stack sees the same input whatever its tokenizer does.
@@ -259,8 +258,10 @@ def cases_for(model: str, path: Path) -> list[dict]:
 def build(work: Path, nemo_python: str) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     dense = recipe_dense_model(work, nemo_python)
-    models = {**served_variants("dense", dense, work), **served_variants("llada2", random_llada2_model(work, dense),
-                                                                         work),
+    # LLaDA2: the random model's near-flat logits at blocks 4 and 8 (the mutation check runs on llada2-b8), the model
+    # the recipes trained on Megatron's MoE layers at block 32
+    models = {**served_variants("dense", dense, work),
+              **served_variants("llada2", random_llada2_model(work, dense), work, (4, 8)),
               **served_variants("llada2-recipes", recipe_llada2_model(work, nemo_python, dense), work, (32,))}
     cases = [c for name, path in models.items() for c in cases_for(name, path)]
     real = real_checkpoint_model(work, nemo_python, work / "corpus.jsonl")
