@@ -155,16 +155,19 @@ import sys
 from nemo_dllm.stages import DPOConfig, MergeConfig, SFTConfig, WSDConfig, dpo, merge, sft, wsd_cpt
 from nemo_dllm.training import TrainerConfig
 base, root, corpus, responses, preferences = sys.argv[1:6]
-short = dict(val_every=2, save_top_k=2, lr=2e-3, warmup_steps=1)
 wsd_cpt(WSDConfig(init_from=base, out_dir=f"{root}/wsd_cpt", data=corpus, seq_len=64, batch_size=2,
-                  warmup_tokens=4 * 128, stable_tokens=2 * 128, decay_tokens=2 * 128, trainer=TrainerConfig(**short)))
+                  warmup_tokens=4 * 128, stable_tokens=2 * 128, decay_tokens=2 * 128,
+                  trainer=TrainerConfig(val_every=2, save_top_k=2, lr=2e-3, warmup_steps=1)))
 merge(MergeConfig(run_dir=f"{root}/wsd_cpt", out_dir=f"{root}/merged"))
+# a small learning rate after WSD: 3 steps at 2e-3 on short EOS-padded responses teach the model to answer EOS at
+# once, and a served model whose every output is EOS would check little
+short = dict(max_steps=3, val_every=2, save_top_k=2, lr=1e-4, warmup_steps=1)
 sft(SFTConfig(init_from=f"{root}/merged", out_dir=f"{root}/sft", data=responses, seq_len=64, batch_size=2,
-              trainer=TrainerConfig(max_steps=3, **short)))
+              trainer=TrainerConfig(**short)))
 sft(SFTConfig(init_from=f"{root}/sft/hf", out_dir=f"{root}/cap", data=responses, seq_len=64, batch_size=2,
-              confidence_weight=2.0, trainer=TrainerConfig(max_steps=3, **short)))
+              confidence_weight=2.0, trainer=TrainerConfig(**short)))
 dpo(DPOConfig(init_from=f"{root}/cap/hf", out_dir=f"{root}/dpo", data=preferences, seq_len=64, batch_size=2,
-              trainer=TrainerConfig(max_steps=3, **short)))
+              trainer=TrainerConfig(**short)))
 """
 
 
