@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown stacks {sorted(unknown)}; choose from {', '.join(STACKS)}")
     work = args.work.resolve()
     cases = work / "cases.json"
-    step("cases built (the wsd_cpt recipe's dense model, a random LLaDA2, block sizes 4/8/32; SmolLM2 converted by "
-         "wsd_cpt at TP 1 and 3 and sft)",
+    step("cases built (the wsd_cpt recipe's dense model at blocks 4/8/32, a random LLaDA2 at 4/8, a LLaDA2 through "
+         "every recipe stage at 32; SmolLM2 converted by wsd_cpt at TP 1 and 3 and sft)",
          module_command("core", "conformance.cases", work, envs.ensure("nemo")))
     step("reference decoder", module_command("core", "conformance.runners.reference", cases, work / "reference.json"))
     step("training: Megatron losses vs the core's",
