@@ -4,7 +4,7 @@ from megatron-core's own MoE layers, weights in and out by the public checkpoint
 megatron-core has every piece but one: its group-limited routing scores a group by the sum of its best
 `topk // group_topk` experts, the LLaDA2 code by its best two (the same only when topk = 2 x group_topk, as in
 LLaDA2.0-mini/flash). `LLaDA2Router` is megatron-core's router with the checkpoint's routing
-(`blockdiff.models.llada2_moe.Router`, the core's reading), so every config accepted here routes as the checkpoint
+(`blockdiff.models.llada2_moe.route`, the rule the core's router calls), so every config accepted here routes as the checkpoint
 does; the router's expert-bias bookkeeping (`local_tokens_per_expert`, read by Megatron's bias update) is Megatron's.
 
 Choices that differ from megatron-core's defaults, and why:
@@ -93,6 +93,8 @@ def expert_load(model) -> dict[str, list[int]]:
     {layer index: [tokens per expert]}; empty for a dense model. Resets the counts. Every rank calls it."""
     from megatron.core import parallel_state
 
+    if not model.config.num_moe_experts:  # a dense model: no collective on every step
+        return {}
     loads = {}
     for layer in model.decoder.layers:
         router = getattr(layer.mlp, "router", None)
