@@ -148,26 +148,33 @@ def chat_cases(model: str, path: Path) -> list[dict]:
             {"id": f"{model}/batch1x3", "model": model, "batch": requests[1:]}]
 
 
-# Every recipe stage on LLaDA2.0's MoE architecture, in one process: wsd_cpt (8 steps), the top-2 merge, sft, cap
-# and dpo (3 steps each) on code prompts
+# Every recipe stage on LLaDA2.0's MoE architecture, in one process: the recipes of the `moe_tiny` factories (what
+# `nemo dllm <stage> --factory moe_tiny` runs) scaled down to wsd_cpt (8 steps), the top-2 merge, sft, cap and dpo
+# (3 steps each) on code prompts.
 MOE_PIPELINE_SCRIPT = """
 import sys
-from nemo_dllm.stages import DPOConfig, MergeConfig, SFTConfig, WSDConfig, dpo, merge, sft, wsd_cpt
-from nemo_dllm.training import TrainerConfig
+import fiddle as fdl
+from nemo_dllm import cli
 base, root, corpus, responses, preferences = sys.argv[1:6]
-wsd_cpt(WSDConfig(init_from=base, out_dir=f"{root}/wsd_cpt", data=corpus, seq_len=64, batch_size=2,
-                  warmup_tokens=4 * 128, stable_tokens=2 * 128, decay_tokens=2 * 128,
-                  trainer=TrainerConfig(val_every=2, save_top_k=2, lr=2e-3, warmup_steps=1)))
-merge(MergeConfig(run_dir=f"{root}/wsd_cpt", out_dir=f"{root}/merged"))
+
+def scaled(factory, trainer, **fields):
+    recipe = factory.config
+    for key, value in fields.items():
+        setattr(recipe, key, value)
+    for key, value in trainer.items():
+        setattr(recipe.trainer, key, value)
+    return fdl.build(recipe)
+
+small = dict(seq_len=64, batch_size=2)
 # a small learning rate after WSD: 3 steps at 2e-3 on short EOS-padded responses teach the model to answer EOS at
 # once, and a served model whose every output is EOS would check little
 short = dict(max_steps=3, val_every=2, save_top_k=2, lr=1e-4, warmup_steps=1)
-sft(SFTConfig(init_from=f"{root}/merged", out_dir=f"{root}/sft", data=responses, seq_len=64, batch_size=2,
-              trainer=TrainerConfig(**short)))
-sft(SFTConfig(init_from=f"{root}/sft/hf", out_dir=f"{root}/cap", data=responses, seq_len=64, batch_size=2,
-              confidence_weight=2.0, trainer=TrainerConfig(**short)))
-dpo(DPOConfig(init_from=f"{root}/cap/hf", out_dir=f"{root}/dpo", data=preferences, seq_len=64, batch_size=2,
-              trainer=TrainerConfig(**short)))
+cli.wsd_cpt(scaled(cli.moe_tiny_wsd_cpt(base, f"{root}/wsd_cpt"), dict(val_every=2, save_top_k=2, warmup_steps=1),
+                   data=corpus, warmup_tokens=4 * 128, stable_tokens=2 * 128, decay_tokens=2 * 128, **small))
+cli.merge(fdl.build(cli.moe_tiny_merge(f"{root}/wsd_cpt", f"{root}/merged").config))
+cli.sft(scaled(cli.moe_tiny_sft(f"{root}/merged", f"{root}/sft"), short, data=responses, **small))
+cli.cap(scaled(cli.moe_tiny_cap(f"{root}/sft/hf", f"{root}/cap"), short, data=responses, **small))
+cli.dpo(scaled(cli.moe_tiny_dpo(f"{root}/cap/hf", f"{root}/dpo"), short, data=preferences, **small))
 """
 
 

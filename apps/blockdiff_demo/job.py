@@ -2,9 +2,10 @@
 answers (`tasks.py`) and write the recipes' JSONL data (`base`), convert it to block diffusion with a short core-only
 Warmup-Stable-Decay run (`convert`), then score models on the held-out tasks: exact-match accuracy beside TPF and
 tokens/s (`evaluate`). `make demo` uses `base`, runs the conversion and post-training as NeMo recipes on Megatron,
-and ends with `evaluate` over the AR base and every stage's model.
+and ends with `evaluate` over the AR base and every stage's model. `base --arch llada2_moe` makes the same base as
+LLaDA2.0's MoE architecture instead (`runs/demo/moe-base`, the `moe_tiny` recipes' start; `make demo-moe`).
 
-    python -m blockdiff_demo [all|base|convert|evaluate MODEL...] [--out runs/demo] [--scale quick]
+    python -m blockdiff_demo [all|base|convert|evaluate MODEL...] [--out runs/demo] [--scale quick] [--arch ...]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from blockdiff.models import (
     load_model,
     save_model,
     tiny_dense_config,
+    tiny_llada2_config,
     with_block_diffusion,
 )
 from blockdiff.objectives import ReferenceForward, heldout_accuracy
@@ -64,16 +66,29 @@ def copy_tokenizer(src: Path, model_dir: Path) -> None:
         (model_dir / name).write_bytes((src / name).read_bytes())
 
 
-def make_base(out: Path, s: dict) -> Path:
-    """Data, tokenizer and the tiny AR base at `out/ar-base`."""
+# The base's architecture -> its directory under `out`: a dense Qwen3, or LLaDA2.0's MoE (3 layers, the first dense;
+# 8 experts, top-2 in 4 groups), the two architectures the recipes train on Megatron.
+BASES = {"qwen3": "ar-base", "llada2_moe": "moe-base"}
+
+
+def base_config(arch: str, vocab_size: int, eos: int, mask: int) -> dict:
+    if arch == "llada2_moe":
+        cfg = tiny_llada2_config(vocab_size, mask_token_id=mask, eos_token_id=eos)
+        del cfg["block_diffusion"]  # an AR base: the WSD stage makes it a block-diffusion model
+        return cfg
+    return tiny_dense_config(vocab_size=vocab_size, eos_token_id=eos, pad_token_id=eos)
+
+
+def make_base(out: Path, s: dict, arch: str = "qwen3") -> Path:
+    """Data, tokenizer and the tiny AR base of architecture `arch` at `out/<BASES[arch]>`."""
     print(f"[base] data: standard-library corpus with the task family, a {s['vocab']}-token BPE tokenizer", flush=True)
     tok_dir, ids, doc_ids, _, _ = build_data(out, s["vocab"], s["seq_len"])
     tok = load_tokenizer(tok_dir)
     eos = special_id(tok, EOS)
     print(f"       {ids.numel():,} training tokens in {ids.shape[0]} rows of {s['seq_len']}", flush=True)
-    ar_dir = out / "ar-base"
-    print(f"[base] AR pretraining of the tiny base -> {ar_dir}", flush=True)
-    cfg = tiny_dense_config(vocab_size=tok.get_vocab_size(), eos_token_id=eos, pad_token_id=eos)
+    ar_dir = out / BASES[arch]
+    print(f"[base] AR pretraining of the tiny {arch} base -> {ar_dir}", flush=True)
+    cfg = base_config(arch, tok.get_vocab_size(), eos, special_id(tok, MASK))
     model = init_weights(build_model(cfg), seed=0)
     losses = train_ar(model, ids, doc_ids, s["ar_steps"], s["batch"])
     save_model(model, cfg, ar_dir)
@@ -81,7 +96,7 @@ def make_base(out: Path, s: dict) -> Path:
     print(f"       AR loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}", flush=True)
     files = write_recipe_data(out / "data")
     print(f"[base] the recipes' data: {', '.join(str(p) for p in files.values())}", flush=True)
-    base = evaluate(ar_dir, held_out_tasks(s["eval_tasks"]), name="ar-base")
+    base = evaluate(ar_dir, held_out_tasks(s["eval_tasks"]), name=BASES[arch])
     print(f"[base] held-out task accuracy of the AR base (greedy, exact match): {base.accuracy:.1%} "
           f"({base.tokens_per_second:.0f} tokens/s)", flush=True)
     return ar_dir
@@ -141,13 +156,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--scale", choices=sorted(SCALES), default="default")
     parser.add_argument("--threshold", type=float, default=0.95)
+    parser.add_argument("--arch", choices=sorted(BASES), default="qwen3", help="base: the AR base's architecture")
     args = parser.parse_args(argv)
+    if args.arch != "qwen3" and args.step != "base":
+        parser.error(f"--arch {args.arch} makes a base only (`base --arch {args.arch}`); {args.step} uses the qwen3 base")
     s = SCALES[args.scale]
     torch.manual_seed(0)
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.step in ("all", "base"):
-        make_base(args.out, s)
+        make_base(args.out, s, args.arch)
     if args.step in ("all", "convert"):
         convert(args.out, s, args.threshold)
     if args.step == "all":

@@ -1,6 +1,6 @@
 """The recipes as NeMo-Run entrypoints under this plugin's namespace, `nemo dllm <stage> --factory <recipe>`, and as
 factories of NeMo's own `nemo llm pretrain` / `nemo llm finetune` (`--factory dllm_wsd_tiny`, `dllm_sft_tiny`,
-`dllm_cap_tiny`).
+`dllm_cap_tiny`). The `moe_tiny` factories run the same stages on LLaDA2.0's MoE architecture.
 
 NeMo-Run discovers them through the `nemo_run.cli` entry point `dllm = nemo_dllm`, exactly as it discovers NeMo's
 own `nemo llm ...`. Every stage takes one config dataclass; command-line overrides address its fields
@@ -107,6 +107,38 @@ def tiny_cap(init_from: str = "runs/nemo/sft/hf", out_dir: str = "runs/nemo/cap"
 
 @run.cli.factory(target=dpo, name="tiny")
 def tiny_dpo(init_from: str = "runs/nemo/cap/hf", out_dir: str = "runs/nemo/dpo") -> run.Partial:
+    return run.Partial(dpo, config=tiny_dpo_recipe(init_from, out_dir))
+
+
+# The same five recipes on LLaDA2.0's MoE architecture, trained on Megatron's MoE layers: `nemo dllm <stage> --factory
+# moe_tiny` from the tiny LLaDA2MoeModelLM base of `python -m blockdiff_demo base --arch llada2_moe` (3 layers, the
+# first dense; 8 experts, top-2 in 4 groups) on the same data (`make demo-moe`). Expert parallel is an override:
+# `config.trainer.expert_parallel=2` under `torchrun --nproc-per-node 2`.
+MOE_BASE, MOE_RUNS = "runs/demo/moe-base", "runs/nemo/moe"
+
+
+@run.cli.factory(target=wsd_cpt, name="moe_tiny")
+def moe_tiny_wsd_cpt(init_from: str = MOE_BASE, out_dir: str = f"{MOE_RUNS}/wsd_cpt") -> run.Partial:
+    return run.Partial(wsd_cpt, config=tiny_wsd_recipe(init_from, out_dir))
+
+
+@run.cli.factory(target=merge, name="moe_tiny")
+def moe_tiny_merge(run_dir: str = f"{MOE_RUNS}/wsd_cpt", out_dir: str = f"{MOE_RUNS}/wsd_merged") -> run.Partial:
+    return run.Partial(merge, config=tiny_merge_recipe(run_dir, out_dir))
+
+
+@run.cli.factory(target=sft, name="moe_tiny")
+def moe_tiny_sft(init_from: str = f"{MOE_RUNS}/wsd_merged", out_dir: str = f"{MOE_RUNS}/sft") -> run.Partial:
+    return run.Partial(sft, config=tiny_sft_recipe(init_from, out_dir))
+
+
+@run.cli.factory(target=cap, name="moe_tiny")
+def moe_tiny_cap(init_from: str = f"{MOE_RUNS}/sft/hf", out_dir: str = f"{MOE_RUNS}/cap") -> run.Partial:
+    return run.Partial(cap, config=tiny_cap_recipe(init_from, out_dir))
+
+
+@run.cli.factory(target=dpo, name="moe_tiny")
+def moe_tiny_dpo(init_from: str = f"{MOE_RUNS}/cap/hf", out_dir: str = f"{MOE_RUNS}/dpo") -> run.Partial:
     return run.Partial(dpo, config=tiny_dpo_recipe(init_from, out_dir))
 
 

@@ -63,3 +63,19 @@ def test_chat_evaluation_asks_through_the_template_and_stops_at_any_config_eos(t
     result = evaluate(tmp_path, tasks, name="chat", chat=True)
     assert result.outputs[0] == tok.decode(free[:free.index(stop)])
     assert result.tpf == 1.0 and result.block_size is None
+
+
+def test_the_moe_base_is_llada2s_architecture_without_block_diffusion(capsys):
+    """`base --arch llada2_moe`: the AR base the `moe_tiny` recipes start from is a LLaDA2MoeModelLM with MoE layers
+    (the first dense) and no `block_diffusion` section (the WSD stage adds it); `--arch` with another step is an
+    error naming the fix, before any work."""
+    from blockdiff.models import build_model
+    from blockdiff.models.llada2_moe import LLaDA2MoeDecoder
+
+    cfg = job.base_config("llada2_moe", vocab_size=300, eos=0, mask=1)
+    assert "block_diffusion" not in cfg and cfg["num_experts"] == 8 and cfg["first_k_dense_replace"] == 1
+    assert isinstance(build_model(cfg), LLaDA2MoeDecoder)
+    assert job.BASES["llada2_moe"] == "moe-base"
+    with pytest.raises(SystemExit):
+        job.main(["convert", "--arch", "llada2_moe", "--out", "unused"])
+    assert "`base --arch llada2_moe`" in capsys.readouterr().err

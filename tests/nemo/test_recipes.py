@@ -318,3 +318,23 @@ def test_without_the_document_mask_a_packed_row_is_one_sequence(ar_base, tmp_pat
     assert not torch.equal(train_on.attention_mask(), train_off.attention_mask())
     assert torch.equal(train_off.attention_mask(), train_on.attention_mask() | train_off.attention_mask())
     assert torch.equal(val_on.doc_ids, val_off.doc_ids) and (val_off.doc_ids.amax(dim=1) > 0).any()
+
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_each_yaml_recipe_is_its_factorys_recipe(path):
+    """recipes/<stage>_tiny.yaml holds what `nemo dllm <stage> --factory tiny` runs, <stage>_moe_tiny.yaml what
+    `--factory moe_tiny` runs: a change to a factory without its YAML (or back) fails here. Compared as YAML: nemo_run's
+    YAML loader carries values over from one load to the next in a process (cap_tiny.yaml's lr reached the DPO config
+    built from dpo_tiny.yaml after it); the command line loads one."""
+    import yaml
+    from nemo_run.core.serialization.yaml import YamlSerializer
+
+    from nemo_dllm import cli
+
+    stage = path.stem.removesuffix("_tiny")
+    factory = getattr(cli, f"moe_tiny_{stage.removesuffix('_moe')}" if stage.endswith("_moe") else f"tiny_{stage}")
+    assert yaml.safe_load(path.read_text())["config"] == yaml.safe_load(YamlSerializer().serialize(factory().config))
+    assert f"--yaml recipes/{path.name}" in path.read_text()  # the header's command runs this file
