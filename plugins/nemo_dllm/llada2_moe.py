@@ -111,61 +111,18 @@ def expert_load(model) -> dict[str, list[int]]:
     return loads
 
 
-def hf_to_megatron(hf: dict[str, Tensor], cfg: LLaDA2MoeConfig, layer: int, rows, cols, qkv_rows,
-                   ep_rank: int, ep_size: int) -> dict[str, Tensor]:
-    """One layer's MLP and attention from the HF names (`model.layers.{layer}.`) to Megatron's, this rank's shard:
-    `rows`/`cols` split a weight for tensor parallelism, `qkv_rows` builds the fused QKV, experts are this
-    expert-parallel rank's share, numbered locally."""
-    src, dst = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-    d = cfg.head_dim
-    q, k, v = hf[src + "attention.query_key_value.weight"].split(
-        [cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d])
-    out = {dst + "self_attention.linear_qkv.weight": qkv_rows(q, k, v),
-           dst + "self_attention.linear_proj.weight": cols(hf[src + "attention.dense.weight"]),
-           dst + "self_attention.q_layernorm.weight": hf[src + "attention.query_layernorm.weight"].clone(),
-           dst + "self_attention.k_layernorm.weight": hf[src + "attention.key_layernorm.weight"].clone(),
-           dst + "input_layernorm.weight": hf[src + "input_layernorm.weight"].clone(),
-           dst + "pre_mlp_layernorm.weight": hf[src + "post_attention_layernorm.weight"].clone()}
-
-    def gated(mlp: str, into: str) -> None:  # each rank holds [its gate rows; its up rows]
-        out[into + "linear_fc1.weight"] = torch.cat([rows(hf[mlp + "gate_proj.weight"]),
-                                                     rows(hf[mlp + "up_proj.weight"])])
-        out[into + "linear_fc2.weight"] = cols(hf[mlp + "down_proj.weight"])
-
+def layer_names(cfg: LLaDA2MoeConfig, layer: int, experts: list[tuple[int, int]]
+                ) -> tuple[dict[str, str], dict[str, str]]:
+    """One layer's tensors besides the fused QKV as `megatron_model.layer_names` gives them (Megatron name -> HF
+    name; gated MLPs by prefix): a dense MLP below `first_k_dense_replace`, else the router, the shared expert and
+    the experts `experts` ((Megatron index, checkpoint index) pairs: an expert-parallel rank numbers its share from 0)."""
+    tensors = {"self_attention.linear_proj.weight": "attention.dense.weight",
+               "self_attention.q_layernorm.weight": "attention.query_layernorm.weight",
+               "self_attention.k_layernorm.weight": "attention.key_layernorm.weight",
+               "input_layernorm.weight": "input_layernorm.weight",
+               "pre_mlp_layernorm.weight": "post_attention_layernorm.weight"}
     if layer < cfg.first_k_dense_replace:
-        gated(src + "mlp.", dst + "mlp.")
-        return out
-    out[dst + "mlp.router.weight"] = hf[src + "mlp.gate.weight"].clone()
-    out[dst + "mlp.router.expert_bias"] = hf[src + "mlp.gate.expert_bias"].clone()
-    gated(src + "mlp.shared_experts.", dst + "mlp.shared_experts.")
-    local = cfg.num_experts // ep_size
-    for j in range(local):
-        gated(f"{src}mlp.experts.{ep_rank * local + j}.", f"{dst}mlp.experts.local_experts.{j}.")
-    return out
-
-
-def megatron_to_hf(first: dict[str, Tensor], cfg: LLaDA2MoeConfig, layer: int, rows, cols, gated_halves
-                   ) -> dict[str, Tensor]:
-    """The inverse of `hf_to_megatron` for one layer, from every tensor-parallel rank's tensors under whole-model
-    names (experts numbered globally, `megatron_state`): `rows`/`cols` concatenate a weight's shards, `gated_halves`
-    splits fused gate/up rows back."""
-    src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
-    hf = {dst + "attention.dense.weight": cols(src + "self_attention.linear_proj.weight"),
-          dst + "attention.query_layernorm.weight": first[src + "self_attention.q_layernorm.weight"],
-          dst + "attention.key_layernorm.weight": first[src + "self_attention.k_layernorm.weight"],
-          dst + "input_layernorm.weight": first[src + "input_layernorm.weight"],
-          dst + "post_attention_layernorm.weight": first[src + "pre_mlp_layernorm.weight"]}
-
-    def gated(mlp: str, into: str) -> None:
-        hf[into + "gate_proj.weight"], hf[into + "up_proj.weight"] = gated_halves(mlp + "linear_fc1.weight")
-        hf[into + "down_proj.weight"] = cols(mlp + "linear_fc2.weight")
-
-    if layer < cfg.first_k_dense_replace:
-        gated(src + "mlp.", dst + "mlp.")
-        return hf
-    hf[dst + "mlp.gate.weight"] = first[src + "mlp.router.weight"]
-    hf[dst + "mlp.gate.expert_bias"] = first[src + "mlp.router.expert_bias"]
-    gated(src + "mlp.shared_experts.", dst + "mlp.shared_experts.")
-    for e in range(cfg.num_experts):
-        gated(f"{src}mlp.experts.local_experts.{e}.", f"{dst}mlp.experts.{e}.")
-    return hf
+        return tensors, {"mlp.": "mlp."}
+    tensors |= {"mlp.router.weight": "mlp.gate.weight", "mlp.router.expert_bias": "mlp.gate.expert_bias"}
+    return tensors, {"mlp.shared_experts.": "mlp.shared_experts.",
+                     **{f"mlp.experts.local_experts.{m}.": f"mlp.experts.{h}." for m, h in experts}}

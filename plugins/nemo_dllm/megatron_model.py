@@ -220,6 +220,43 @@ def _embedding_name(hf_config: dict[str, Any]) -> str:
     return "model.word_embeddings.weight" if llada2_moe.is_llada2(hf_config) else "model.embed_tokens.weight"
 
 
+# The one tensor of a layer split under tensor parallelism among those `layer_names` lists: by input columns.
+PROJECTION = "self_attention.linear_proj.weight"
+
+
+def layer_names(cfg: DenseConfig | LLaDA2MoeConfig, layer: int, experts: list[tuple[int, int]]
+                ) -> tuple[dict[str, str], dict[str, str]]:
+    """One decoder layer's tensors besides the fused QKV: (Megatron name under `decoder.layers.{i}.` -> HF name under
+    `model.layers.{i}.`, each copied whole but `PROJECTION`; gated MLPs, Megatron prefix -> HF prefix, `linear_fc1`
+    = [gate_proj; up_proj] and `linear_fc2` = down_proj). Qwen3/Llama here, LLaDA2 in `llada2_moe.layer_names`
+    (`experts`: its MoE layers' (Megatron index, checkpoint index) pairs)."""
+    if isinstance(cfg, LLaDA2MoeConfig):
+        return llada2_moe.layer_names(cfg, layer, experts)
+    tensors = {PROJECTION: "self_attn.o_proj.weight", "input_layernorm.weight": "input_layernorm.weight",
+               "pre_mlp_layernorm.weight": "post_attention_layernorm.weight"}
+    if cfg.qk_norm:
+        tensors |= {"self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+                    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight"}
+    return tensors, {"mlp.": "mlp."}
+
+
+def _hf_q_k_v(cfg: DenseConfig | LLaDA2MoeConfig, hf: dict[str, Tensor], layer: str) -> tuple[Tensor, ...]:
+    """A layer's query, key and value weights (LLaDA2 fuses them into one tensor, rows in that order)."""
+    if isinstance(cfg, LLaDA2MoeConfig):
+        d = cfg.head_dim
+        return hf[layer + "attention.query_key_value.weight"].split(
+            [cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d])
+    return tuple(hf[layer + f"self_attn.{p}_proj.weight"] for p in "qkv")
+
+
+def _hf_qkv_names(cfg: DenseConfig | LLaDA2MoeConfig, layer: str, q: Tensor, k: Tensor, v: Tensor
+                  ) -> dict[str, Tensor]:
+    if isinstance(cfg, LLaDA2MoeConfig):
+        return {layer + "attention.query_key_value.weight": torch.cat([q, k, v])}
+    return {layer + "self_attn.q_proj.weight": q, layer + "self_attn.k_proj.weight": k,
+            layer + "self_attn.v_proj.weight": v}
+
+
 def hf_to_megatron(hf: dict[str, Tensor], hf_config: dict[str, Any], tp_rank: int = 0, tp_size: int = 1,
                    ep_rank: int = 0, ep_size: int = 1) -> dict[str, Tensor]:
     """This rank's shard of the Megatron state dict from HF weights (names as Qwen3/LlamaForCausalLM or
@@ -236,31 +273,24 @@ def hf_to_megatron(hf: dict[str, Tensor], hf_config: dict[str, Any], tp_rank: in
         padding = padded_vocab_size(cfg.vocab_size, tp_size) - cfg.vocab_size
         return rows(F.pad(t, (0, 0, 0, padding)))
 
-    def qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return _qkv_rows(cfg, q, k, v).chunk(tp_size, dim=0)[tp_rank].reshape(-1, cfg.hidden_size).clone()
-
     out = {"embedding.word_embeddings.weight": vocab_rows(hf[_embedding_name(hf_config)]),
            "decoder.final_layernorm.weight": hf["model.norm.weight"].clone()}
     if not cfg.tie_word_embeddings:
         out["output_layer.weight"] = vocab_rows(hf["lm_head.weight"])
+    local = cfg.num_experts // ep_size if isinstance(cfg, LLaDA2MoeConfig) else 0
+    experts = [(j, ep_rank * local + j) for j in range(local)]
     for i in range(cfg.num_hidden_layers):
-        if isinstance(cfg, LLaDA2MoeConfig):
-            out.update(llada2_moe.hf_to_megatron(hf, cfg, i, rows, cols, qkv, ep_rank, ep_size))
-            continue
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[dst + "self_attention.linear_qkv.weight"] = qkv(hf[src + "self_attn.q_proj.weight"],
-                                                            hf[src + "self_attn.k_proj.weight"],
-                                                            hf[src + "self_attn.v_proj.weight"])
-        out[dst + "self_attention.linear_proj.weight"] = cols(hf[src + "self_attn.o_proj.weight"])
-        out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"].clone()
-        out[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"].clone()
-        if cfg.qk_norm:
-            out[dst + "self_attention.q_layernorm.weight"] = hf[src + "self_attn.q_norm.weight"].clone()
-            out[dst + "self_attention.k_layernorm.weight"] = hf[src + "self_attn.k_norm.weight"].clone()
-        # gated MLP: each rank holds [its gate rows; its up rows]
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat([rows(hf[src + "mlp.gate_proj.weight"]),
-                                                        rows(hf[src + "mlp.up_proj.weight"])])
-        out[dst + "mlp.linear_fc2.weight"] = cols(hf[src + "mlp.down_proj.weight"])
+        qkv = _qkv_rows(cfg, *_hf_q_k_v(cfg, hf, src))
+        out[dst + "self_attention.linear_qkv.weight"] = qkv.chunk(tp_size, dim=0)[tp_rank].reshape(
+            -1, cfg.hidden_size).clone()
+        tensors, gated_mlps = layer_names(cfg, i, experts)
+        for name, hf_name in tensors.items():
+            out[dst + name] = cols(hf[src + hf_name]) if name == PROJECTION else hf[src + hf_name].clone()
+        for mlp, hf_mlp in gated_mlps.items():  # each rank holds [its gate rows; its up rows]
+            out[dst + mlp + "linear_fc1.weight"] = torch.cat([rows(hf[src + hf_mlp + "gate_proj.weight"]),
+                                                              rows(hf[src + hf_mlp + "up_proj.weight"])])
+            out[dst + mlp + "linear_fc2.weight"] = cols(hf[src + hf_mlp + "down_proj.weight"])
     return out
 
 
@@ -286,26 +316,21 @@ def megatron_to_hf(shards: list[dict[str, Tensor]], hf_config: dict[str, Any]) -
         hf["lm_head.weight"] = rows("output_layer.weight")[: cfg.vocab_size]
     d, groups = cfg.head_dim, cfg.num_key_value_heads
     per_group = cfg.num_attention_heads // groups
+    experts = [(e, e) for e in range(cfg.num_experts)] if isinstance(cfg, LLaDA2MoeConfig) else []
     for i in range(cfg.num_hidden_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         qkv = rows(src + "self_attention.linear_qkv.weight").view(groups, (per_group + 2) * d, -1)
         q = qkv[:, : per_group * d].reshape(-1, cfg.hidden_size)
         k = qkv[:, per_group * d: (per_group + 1) * d].reshape(-1, cfg.hidden_size)
         v = qkv[:, (per_group + 1) * d:].reshape(-1, cfg.hidden_size)
-        if isinstance(cfg, LLaDA2MoeConfig):
-            hf[dst + "attention.query_key_value.weight"] = torch.cat([q, k, v])
-            hf.update(llada2_moe.megatron_to_hf(first, cfg, i, rows, cols, gated_halves))
-            continue
-        hf[dst + "self_attn.q_proj.weight"], hf[dst + "self_attn.k_proj.weight"] = q, k
-        hf[dst + "self_attn.v_proj.weight"] = v
-        hf[dst + "self_attn.o_proj.weight"] = cols(src + "self_attention.linear_proj.weight")
-        hf[dst + "input_layernorm.weight"] = first[src + "input_layernorm.weight"]
-        hf[dst + "post_attention_layernorm.weight"] = first[src + "pre_mlp_layernorm.weight"]
-        if cfg.qk_norm:
-            hf[dst + "self_attn.q_norm.weight"] = first[src + "self_attention.q_layernorm.weight"]
-            hf[dst + "self_attn.k_norm.weight"] = first[src + "self_attention.k_layernorm.weight"]
-        hf[dst + "mlp.gate_proj.weight"], hf[dst + "mlp.up_proj.weight"] = gated_halves(src + "mlp.linear_fc1.weight")
-        hf[dst + "mlp.down_proj.weight"] = cols(src + "mlp.linear_fc2.weight")
+        hf |= _hf_qkv_names(cfg, dst, q, k, v)
+        tensors, gated_mlps = layer_names(cfg, i, experts)
+        for name, hf_name in tensors.items():
+            hf[dst + hf_name] = cols(src + name) if name == PROJECTION else first[src + name]
+        for mlp, hf_mlp in gated_mlps.items():
+            hf[dst + hf_mlp + "gate_proj.weight"], hf[dst + hf_mlp + "up_proj.weight"] = gated_halves(
+                src + mlp + "linear_fc1.weight")
+            hf[dst + hf_mlp + "down_proj.weight"] = cols(src + mlp + "linear_fc2.weight")
     return {k: v.contiguous() for k, v in hf.items()}
 
 
