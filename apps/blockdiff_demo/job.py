@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", choices=sorted(BASES), default="qwen3", help="base: the AR base's architecture")
     args = parser.parse_args(argv)
     if args.arch != "qwen3" and args.step != "base":
-        parser.error(f"--arch {args.arch} makes a base only (`base --arch {args.arch}`); {args.step} uses the qwen3 base")
+        parser.error(f"--arch {args.arch} makes a base only (`base --arch {args.arch}`); "
+                     f"{args.step} uses the qwen3 base")
     s = SCALES[args.scale]
     torch.manual_seed(0)
     start = time.time()

@@ -4,8 +4,9 @@ from megatron-core's own MoE layers, weights in and out by the public checkpoint
 megatron-core has every piece but one: its group-limited routing scores a group by the sum of its best
 `topk // group_topk` experts, the LLaDA2 code by its best two (the same only when topk = 2 x group_topk, as in
 LLaDA2.0-mini/flash). `LLaDA2Router` is megatron-core's router with the checkpoint's routing
-(`blockdiff.models.llada2_moe.route`, the rule the core's router calls), so every config accepted here routes as the checkpoint
-does; the router's expert-bias bookkeeping (`local_tokens_per_expert`, read by Megatron's bias update) is Megatron's.
+(`blockdiff.models.llada2_moe.route`, the rule the core's router calls), so every config accepted here routes as the
+checkpoint does; the router's expert-bias bookkeeping (`local_tokens_per_expert`, read by Megatron's bias update)
+is Megatron's.
 
 Choices that differ from megatron-core's defaults, and why:
 - the expert bias is updated from expert load after every step (aux-loss-free balancing, what the architecture is
@@ -115,7 +116,8 @@ def layer_names(cfg: LLaDA2MoeConfig, layer: int, experts: list[tuple[int, int]]
                 ) -> tuple[dict[str, str], dict[str, str]]:
     """One layer's tensors besides the fused QKV as `megatron_model.layer_names` gives them (Megatron name -> HF
     name; gated MLPs by prefix): a dense MLP below `first_k_dense_replace`, else the router, the shared expert and
-    the experts `experts` ((Megatron index, checkpoint index) pairs: an expert-parallel rank numbers its share from 0)."""
+    the experts `experts` ((Megatron index, checkpoint index) pairs: an expert-parallel rank numbers its share
+    from 0)."""
     tensors = {"self_attention.linear_proj.weight": "attention.dense.weight",
                "self_attention.q_layernorm.weight": "attention.query_layernorm.weight",
                "self_attention.k_layernorm.weight": "attention.key_layernorm.weight",

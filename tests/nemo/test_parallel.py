@@ -2,7 +2,8 @@
 2, context parallel 2 (two processes each) and three at once (tensor x pipeline x data or x context, 2 x 2 x 2, eight
 processes) train exactly as one process does on the same global batch, and distributed checkpoints saved at tensor,
 pipeline or context parallel 2 resume in one process with the same losses. On LLaDA2.0's MoE architecture, expert
-parallel 2 trains as one process does, and so (to routing's near-ties) does expert x tensor x data parallel 2 x 2 x 2."""
+parallel 2 trains as one process does, and so (to routing's near-ties) does expert x tensor x data parallel
+2 x 2 x 2."""
 
 import json
 import shutil
