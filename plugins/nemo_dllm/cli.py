@@ -50,7 +50,7 @@ def merge(config: MergeConfig) -> None:
 
 
 # Toy-scale recipes for the demo's tiny model and data (runs/demo/ar-base and runs/demo/data/*.jsonl, written by
-# `python -m blockdiff_demo base`), with the budgets of the README's main job (`make demo`, about 11 minutes on 2 CPU
+# `python -m blockdiff_demo base`), with the budgets of the README's main job (`make demo`, about 12.5 minutes on 2 CPU
 # cores with the AR base); paths are overridable. One function per stage, shared by every factory below.
 DEMO_DATA = "runs/demo/data"
 
@@ -69,7 +69,7 @@ def tiny_merge_recipe(run_dir: str = "runs/nemo/wsd_cpt", out_dir: str = "runs/n
 
 def tiny_sft_recipe(init_from: str = "runs/nemo/wsd_merged", out_dir: str = "runs/nemo/sft") -> run.Config[SFTConfig]:
     return run.Config(SFTConfig, init_from=init_from, out_dir=out_dir, data=f"{DEMO_DATA}/sft.jsonl", batch_size=32,
-                      trainer=run.Config(TrainerConfig, max_steps=400, lr=2e-3, warmup_steps=10, val_every=100))
+                      trainer=run.Config(TrainerConfig, max_steps=800, lr=2e-3, warmup_steps=10, val_every=200))
 
 
 def tiny_cap_recipe(init_from: str = "runs/nemo/sft/hf", out_dir: str = "runs/nemo/cap") -> run.Config[SFTConfig]:
