@@ -35,6 +35,8 @@ def register() -> None:
                           hooks.stage_whole_blocks_only, HookType.AROUND)
     HookRegistry.register("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin._fetch_waiting_reqs",
                           hooks.admit_only_what_the_pool_can_finish, HookType.AROUND)
+    HookRegistry.register("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin._finish_dllm_request_if_needed",
+                          hooks.drop_stale_block_kv, HookType.AROUND)
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens",
                           hooks.refuse_prompts_without_room, HookType.AFTER)
     if multiprocessing.parent_process() is None:  # the launching process, the one that serves HTTP

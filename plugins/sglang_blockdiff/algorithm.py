@@ -4,7 +4,9 @@ SGLang runs one block per request at a time and calls `step` after every forward
 with the core's rule functions (mask token excluded, fp32, strict threshold, fallback k, per-request seeded sampling);
 the forward after the last commit writes the block's final KV, and that is when the block is reported done (SGLang
 keeps generated blocks' KV). EOS and max_tokens are SGLang's own finish checks over the emitted block, which cut
-exactly where rule 6 does.
+exactly where rule 6 does. A block that ends its request needs no such forward (as in the reference decoder, the
+last block gets none): it is reported done at its last commit, and `hooks.drop_stale_block_kv` gives its KV, written
+while it still held masks, back to the pool instead of SGLang's radix cache.
 
 This code runs in SGLang's scheduler process, where an exception ends the whole server: whatever goes wrong with one
 request's step ends that request with a 500 naming the error, and the batch goes on.
@@ -37,6 +39,8 @@ class RequestDecoding:
     generator: torch.Generator | None
     denoise_forwards: int = 0
     nfe: int = 0
+    # where the KV of a block reported done without its final forward starts (SGLang must not keep it)
+    stale_kv_from: int | None = None
 
     def accounting(self, output_tokens: int) -> dict:
         return accounting(output_tokens, self.denoise_forwards, self.nfe)
@@ -98,11 +102,27 @@ class BlockDiff(DllmAlgorithm):
         if prompt_mask is not None:
             masked &= ~prompt_mask[row]
         positions = masked.nonzero().squeeze(-1)
+        state.stale_kv_from = None
         if len(positions) == 0:  # this forward wrote the full block's KV: it may leave
             return True
         state.denoise_forwards += 1
         denoise_step(ids[row], logits[row], positions, state.params, self.mask_id, state.generator)
+        committed = len(req.origin_input_ids) + len(req.output_ids)  # the block's first generated position
+        if (ids[row][positions] != self.mask_id).all() and \
+                ends_request(req, ids[row][committed - req.dllm_block_offset:]):
+            state.stale_kv_from = committed
+            return True
         return False
+
+
+def ends_request(req, generated: torch.Tensor) -> bool:
+    """Whether SGLang's finish check ends `req` on this fully committed block's generated tokens: a stop token (the
+    checkpoint's EOS ids are among them, see validation) or max_new_tokens. It may end a request this does not foresee
+    (a stop string), never the other way: validation refuses ignore_eos and min_new_tokens."""
+    sp = req.sampling_params
+    stop_ids = sp.stop_token_ids or ()
+    return any(int(t) in stop_ids for t in generated) or \
+        len(req.output_ids) + len(generated) >= sp.max_new_tokens
 
 
 Algorithm = BlockDiff

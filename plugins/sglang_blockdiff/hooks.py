@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from http import HTTPStatus
 
 import yaml
 
@@ -174,6 +175,31 @@ def stage_whole_blocks_only(original, adder, req):
 
         return AddReqResult.NO_TOKEN
     return original(adder, req)
+
+
+def drop_stale_block_kv(original, scheduler, req):
+    """`SchedulerDllmMixin._finish_dllm_request_if_needed`: a request whose last block was reported done without the
+    forward that writes its final KV (`algorithm.ends_request`) gives that block's KV back to the pool before SGLang
+    releases the request, so its radix cache keeps the prompt and earlier blocks only (keeping the stale block, a
+    later request with the same prefix would read KV written over mask tokens). Should SGLang not have ended the
+    request, it ends here with an error: decoding on would read that stale KV."""
+    state = getattr(req, "blockdiff", None)
+    stale_from = getattr(state, "stale_kv_from", None)
+    if stale_from is not None and req.kv.holds_kv:
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        if not req.finished():
+            logger.error("request %s did not end after a block that should end it", req.rid)
+            req.finished_reason = FINISH_ABORT("block-diffusion decoding expected this block to end the request",
+                                               HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError")
+        page = scheduler.token_to_kv_pool_allocator.page_size
+        start, allocated = -(-stale_from // page) * page, req.kv.kv_allocated_len
+        if start < allocated:
+            slots = scheduler.req_to_token_pool.req_to_token[req.kv.req_pool_idx, start:allocated]
+            scheduler.token_to_kv_pool_allocator.free_segment(slots, start_pos=start)
+        req.kv.kv_committed_len = req.kv.kv_allocated_len = stale_from
+        state.stale_kv_from = None
+    return original(scheduler, req)
 
 
 def scale_native_moe_output(output, layer, x, topk_output, moe_runner_config):
