@@ -68,7 +68,9 @@ def test_accounting_against_the_reference(served):
 
 def test_every_denoising_steps_logits_match_the_core_model(served):
     """Each recorded step: the logits vLLM computed for the block (its earlier blocks read from the paged KV cache)
-    against the core model over the whole sequence under an explicit block-causal mask, fp32, 1e-4."""
+    against the core model over the whole sequence under an explicit block-causal mask, fp32, 1e-4. The tiny models'
+    vocabulary (283) is not a multiple of the 64 rows vLLM pads its LM head to: the proposer gets exactly the
+    vocabulary's logits, never the padding's (issue #19 item 5)."""
     records = served["records"]
     assert len(records) > 100
     model = served["model"]
@@ -79,6 +81,7 @@ def test_every_denoising_steps_logits_match_the_core_model(served):
         with torch.no_grad():
             logits = model(ids[None], torch.arange(n)[None], block_causal_mask(n, SUITE_BLOCK)[None])
             want = logits[0, -SUITE_BLOCK:].float()
+        assert want.shape[-1] % 64 and rec["logits"].shape == want.shape
         worst = max(worst, float((rec["logits"] - want).abs().max()))
     assert worst < 1e-4, worst
 
