@@ -122,7 +122,7 @@ def ends_request(req, generated: torch.Tensor) -> bool:
     sp = req.sampling_params
     stop_ids = sp.stop_token_ids or ()
     return any(int(t) in stop_ids for t in generated) or \
-        len(req.output_ids) + len(generated) >= sp.max_new_tokens
+        (sp.max_new_tokens is not None and len(req.output_ids) + len(generated) >= sp.max_new_tokens)
 
 
 Algorithm = BlockDiff

@@ -188,16 +188,20 @@ def drop_stale_block_kv(original, scheduler, req):
     if stale_from is not None and req.kv.holds_kv:
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-        if not req.finished():
-            logger.error("request %s did not end after a block that should end it", req.rid)
-            req.finished_reason = FINISH_ABORT("block-diffusion decoding expected this block to end the request",
-                                               HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError")
-        page = scheduler.token_to_kv_pool_allocator.page_size
-        start, allocated = -(-stale_from // page) * page, req.kv.kv_allocated_len
-        if start < allocated:
-            slots = scheduler.req_to_token_pool.req_to_token[req.kv.req_pool_idx, start:allocated]
-            scheduler.token_to_kv_pool_allocator.free_segment(slots, start_pos=start)
-        req.kv.kv_committed_len = req.kv.kv_allocated_len = stale_from
+        try:
+            if not req.finished():
+                logger.error("request %s did not end after a block that should end it", req.rid)
+                req.finished_reason = FINISH_ABORT("block-diffusion decoding expected this block to end the request",
+                                                   HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError")
+            page = scheduler.token_to_kv_pool_allocator.page_size
+            start, allocated = -(-stale_from // page) * page, req.kv.kv_allocated_len
+            if start < allocated:
+                slots = scheduler.req_to_token_pool.req_to_token[req.kv.req_pool_idx, start:allocated]
+                scheduler.token_to_kv_pool_allocator.free_segment(slots, start_pos=start)
+            req.kv.kv_committed_len = req.kv.kv_allocated_len = stale_from
+        except Exception:  # noqa: BLE001 - never take the scheduler down, and never let the stale block be cached
+            logger.exception("dropping the last block's KV of request %s failed; caching none of it", req.rid)
+            req.skip_radix_cache_insert = True
         state.stale_kv_from = None
     return original(scheduler, req)
 
