@@ -11,7 +11,7 @@ on the 180 held-out task instances (block 32, threshold 0.95, exact match).
     make demo   # once: the AR base and the data
     $(python3 tools/envs.py --path core) -m benchmarks.conversion_ablations
 
-Writes results/conversion_ablations.json (about 20 minutes).
+Writes results/conversion_ablations.json (about 25 minutes).
 """
 
 import argparse
