@@ -50,7 +50,7 @@ def merge(config: MergeConfig) -> None:
 
 
 # Toy-scale recipes for the demo's tiny model and data (runs/demo/ar-base and runs/demo/data/*.jsonl, written by
-# `python -m blockdiff_demo base`), with the budgets of the README's main job (`make demo`, about 12.5 minutes on 2 CPU
+# `python -m blockdiff_demo base`), with the budgets of the README's main job (`make demo`, about 13 minutes on 2 CPU
 # cores with the AR base); paths are overridable. One function per stage, shared by every factory below.
 DEMO_DATA = "runs/demo/data"
 

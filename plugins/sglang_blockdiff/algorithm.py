@@ -107,10 +107,10 @@ class BlockDiff(DllmAlgorithm):
             return True
         state.denoise_forwards += 1
         denoise_step(ids[row], logits[row], positions, state.params, self.mask_id, state.generator)
-        committed = len(req.origin_input_ids) + len(req.output_ids)  # the block's first generated position
+        first_generated = len(req.origin_input_ids) + len(req.output_ids)  # the block's, as an absolute position
         if (ids[row][positions] != self.mask_id).all() and \
-                ends_request(req, ids[row][committed - req.dllm_block_offset:]):
-            state.stale_kv_from = committed
+                ends_request(req, ids[row][first_generated - req.dllm_block_offset:]):
+            state.stale_kv_from = first_generated
             return True
         return False
 

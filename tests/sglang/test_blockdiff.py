@@ -78,7 +78,6 @@ def test_radix_cache_reuses_whole_blocks(served):
     assert second["meta"]["cached_tokens"] >= 64 and second["meta"]["cached_tokens"] % SUITE_BLOCK == 0
 
 
-
 def test_a_prompt_that_continues_an_output_reads_no_stale_kv(served):
     """A request's last block ends without the forward that would write its final KV (its KV was written while it
     still held masks); a later prompt that continues that output must not be served from it through the radix
@@ -90,6 +89,7 @@ def test_a_prompt_that_continues_an_output_reads_no_stale_kv(served):
     got = generate(served["url"], second)
     assert same([got], reference_results(served["model"], served["eos"], [second]))
     assert got["meta"]["cached_tokens"] == 2 * SUITE_BLOCK  # the blocks with their final KV, not the third
+
 
 @pytest.mark.parametrize("sampling,needle", [
     ({"top_p": 0.5}, "top_p=0.5 is not supported"),
