@@ -15,8 +15,10 @@ request's step ends that request with a 500 naming the error, and the batch goes
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 
 import torch
 from sglang.srt.dllm.algorithm.base import DllmAlgorithm
@@ -27,6 +29,7 @@ from blockdiff.serving import BlockDiffusionSettings, accounting
 from sglang_blockdiff.validation import settings_of, temperature, user_overrides, validate_request
 
 NAME = "BlockDiff"  # as in --dllm-algorithm
+RECORD_ENV = "SGLANG_BLOCKDIFF_RECORD"  # a directory: every denoising step's inputs and logits, to verify them
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,8 @@ class BlockDiff(DllmAlgorithm):
     def __init__(self, config) -> None:
         super().__init__(config)
         self.settings = settings_of(config)
+        self.records = Path(os.environ[RECORD_ENV]) if os.environ.get(RECORD_ENV) else None
+        self.recorded = 0
 
     @classmethod
     def validate_request(cls, req) -> str | None:
@@ -106,6 +111,8 @@ class BlockDiff(DllmAlgorithm):
         if len(positions) == 0:  # this forward wrote the full block's KV: it may leave
             return True
         state.denoise_forwards += 1
+        if self.records is not None:
+            self.record(req, ids[row], logits[row])
         denoise_step(ids[row], logits[row], positions, state.params, self.mask_id, state.generator)
         first_generated = len(req.origin_input_ids) + len(req.output_ids)  # the block's, as an absolute position
         if (ids[row][positions] != self.mask_id).all() and \
@@ -113,6 +120,14 @@ class BlockDiff(DllmAlgorithm):
             state.stale_kv_from = first_generated
             return True
         return False
+
+    def record(self, req, block: torch.Tensor, logits: torch.Tensor) -> None:
+        """One file per step in the records directory: the tokens before the block, the block as this forward saw it
+        and the logits the step proposes from (the scheduler process cannot hand them back any other way)."""
+        context = (req.origin_input_ids + req.output_ids)[:req.dllm_block_offset]
+        torch.save({"context": list(context), "block": block.tolist(), "logits": logits.float().cpu().clone()},
+                   self.records / f"{os.getpid()}-{self.recorded}.pt")
+        self.recorded += 1
 
 
 def ends_request(req, generated: torch.Tensor) -> bool:

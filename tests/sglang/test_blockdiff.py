@@ -2,16 +2,19 @@
 token, for the dense tiny model and a tiny random LLaDA2MoeModelLM; SGLang's own LowConfidence on its own LLaDA2 model
 against the same reference where the semantics coincide; radix-cache reuse; and 400s for bad requests."""
 
+import random
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from blockdiff.masks import block_causal_mask
 from blockdiff.models import read_config, save_model
 from conformance.cases import MASK, SUITE_BLOCK, covers_the_hard_cases, reference_results, request_sets
 from drivers.servers import free_port, running_server
 from drivers.sglang_cpu import CPU_ENV, generate, launch_command, post
+from sglang_blockdiff.algorithm import RECORD_ENV
 from tiny_models import make_served_model, make_tiny_blockdiff_model
 
 
@@ -23,11 +26,13 @@ def same(got: list[dict], want: list[dict]) -> bool:
 def served(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     model, eos = make_served_model(path, request.param)
-    port = free_port()
+    port, records = free_port(), path / "records"
+    records.mkdir()
     cmd = launch_command(path, port, "--context-length", "512", "--dllm-algorithm", "BlockDiff",
                          "--max-running-requests", "8")
-    with running_server(cmd, port, path / "server.log", CPU_ENV) as url:
-        yield {"url": url, "model": model, "eos": eos, "vocab": read_config(path)["vocab_size"], "arch": request.param}
+    with running_server(cmd, port, path / "server.log", {**CPU_ENV, RECORD_ENV: str(records)}) as url:
+        yield {"url": url, "model": model, "eos": eos, "vocab": read_config(path)["vocab_size"], "arch": request.param,
+               "records": records}
 
 
 def test_single_requests_match_the_reference(served):
@@ -55,6 +60,28 @@ def test_eight_concurrent_requests_match_the_reference(served):
         # the last block's forward is skipped unless a peer in the same batch still denoises: SGLang forwards the
         # whole batch, and that forward writes the last block's final KV too
         assert finished_blocks(r, w) - 1 <= commit_forwards(r, g, w) <= finished_blocks(r, w)
+
+
+def test_every_denoising_steps_logits_match_the_core_model(served):
+    """Each recorded step: the logits SGLang computed for the block (its earlier blocks read from the KV pool) against
+    the core model over the whole sequence under an explicit block-causal mask, fp32, 1e-4. The tiny models'
+    vocabulary (283) is not a multiple of the 64 rows SGLang pads its LM head to: the proposer gets exactly the
+    vocabulary's logits, never the padding's (issue #19 item 5)."""
+    singles, _ = request_sets(served["vocab"], seed=1)
+    for request in singles[::4]:  # steps of its own, whichever tests ran before
+        generate(served["url"], request)
+    records = [torch.load(p) for p in served["records"].glob("*.pt")]
+    assert len(records) > 50
+    worst = 0.0
+    for rec in random.Random(0).sample(records, min(200, len(records))):
+        ids = torch.tensor(rec["context"] + rec["block"])
+        n = len(ids)
+        with torch.no_grad():
+            logits = served["model"](ids[None], torch.arange(n)[None], block_causal_mask(n, SUITE_BLOCK)[None])
+            want = logits[0, -SUITE_BLOCK:].float()
+        assert want.shape[-1] % 64 and rec["logits"].shape == want.shape
+        worst = max(worst, float((rec["logits"] - want).abs().max()))
+    assert worst < 1e-4, worst
 
 
 def finished_blocks(request: dict, want: dict) -> int:
