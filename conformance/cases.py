@@ -7,12 +7,13 @@ inside a block (`choose_eos`). The matrix (`build`) runs every stack on the case
 Models: the tiny dense dLLM that this project's `wsd_cpt` recipe produces from a tiny AR base (run in the nemo venv),
 served at block sizes 4, 8 and 32, and LLaDA2MoeModelLM at the same three: a tiny random one at 4 and 8, a tiny one
 taken through every recipe stage (wsd_cpt, merge, sft, cap, dpo) on Megatron's MoE layers at 32; each with an EOS id
-chosen so that one prompt ends inside a block; and a real pretrained checkpoint, SmolLM2-135M-Instruct with a mask token added, converted by
-the `wsd_cpt` recipe (at tensor parallel 1 and 3, equal first-step losses) and the `sft` recipe on chat turns, served
-at block 32 with its own EOS ids (end of turn, end of text) on chat prompts rendered by its template. Prompts:
-HumanEval prompts and random token prompts on and off block boundaries. Settings:
-thresholds 0.95/0.7/0.0, max_tokens on and off block boundaries, batches of 1, 4 and 8. Everything is written to
-`cases.json`; prompts travel as token ids, so every stack sees the same input whatever its tokenizer does.
+chosen so that one prompt ends inside a block; and a real pretrained checkpoint, SmolLM2-135M-Instruct with a mask
+token added, converted by the `wsd_cpt` recipe (its first step at tensor parallel 1 and 3, equal losses) and the
+`sft` recipe on chat turns, served at block 32 with its own EOS ids (end of turn, end of text). Prompts: HumanEval
+prompts and random token prompts on and off block boundaries, and for SmolLM2 chat messages (through the servers'
+chat endpoints; rendered by its template in the core for the reference). Settings: thresholds 0.95/0.7/0.0,
+max_tokens on and off block boundaries, batches of 1, 4 and 8. Everything is written to `cases.json`; prompts travel
+as token ids, so every stack sees the same input whatever its tokenizer does (chat messages travel as text too).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import random
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,24 +72,26 @@ def recipe_dense_model(work: Path, nemo_python: str) -> Path:
     return out / "hf"
 
 
-# The real checkpoint through the recipes, at a size CI affords: WSD over block sizes 1, 4, 64 and 32 (one step each)
-# at tensor parallel 1 and 3 (SmolLM2's 9 query and 3 KV heads split 3 ways, not 2), then 4 steps of SFT on chat turns
-REAL_WSD_SCRIPT = """
+# The real checkpoint through the recipes, at a size CI affords, in two launches. At tensor parallel 1: WSD over block
+# sizes 1, 4, 64 and 32 (one step each), then 2 steps of SFT on chat turns (at most 80 tokens in SmolLM2's template):
+# the served model. At tensor parallel 3 (SmolLM2's 9 query and 3 KV heads split 3 ways, not 2): WSD's first two
+# steps, whose first loss must equal the first launch's. The imports sit under the main guard too: the checkpoint
+# writer's helper process (spawned) re-runs this file's top level, and importing NeMo there costs 10 s a launch.
+REAL_CONVERSION_SCRIPT = """
 import sys
-from nemo_dllm.stages import WSDConfig, wsd_cpt
-from nemo_dllm.training import TrainerConfig
 if __name__ == "__main__":
-    wsd_cpt(WSDConfig(init_from=sys.argv[1], out_dir=sys.argv[2], data=sys.argv[3], seq_len=64, batch_size=3,
-                      warmup_blocks=[1, 4], decay_blocks=[32], warmup_tokens=192, stable_tokens=192,
-                      decay_tokens=192, trainer=TrainerConfig(val_every=100, save_top_k=1, lr=1e-4, warmup_steps=1,
-                                                              micro_batch_size=1, tensor_parallel=int(sys.argv[4]))))
-"""
-REAL_SFT_SCRIPT = """
-import sys
-from nemo_dllm.stages import SFTConfig, sft
-from nemo_dllm.training import TrainerConfig
-sft(SFTConfig(init_from=sys.argv[1], out_dir=sys.argv[2], data=sys.argv[3], seq_len=128, batch_size=2,
-              trainer=TrainerConfig(max_steps=4, val_every=100, save_top_k=1, lr=1e-4, warmup_steps=1)))
+    from nemo_dllm.stages import SFTConfig, WSDConfig, sft, wsd_cpt
+    from nemo_dllm.training import TrainerConfig
+    base, root, corpus, tp, chat = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+    phases = dict(warmup_blocks=[1, 4], decay_blocks=[32], stable_tokens=192, decay_tokens=192) if chat else dict(
+        warmup_blocks=[1], decay_blocks=[], stable_tokens=1)
+    wsd = wsd_cpt(WSDConfig(init_from=base, out_dir=f"{root}/wsd-tp{tp}", data=corpus, seq_len=64, batch_size=3,
+                            warmup_tokens=192, **phases,
+                            trainer=TrainerConfig(val_every=100, save_top_k=1, lr=1e-4, warmup_steps=1,
+                                                  micro_batch_size=1, tensor_parallel=tp)))
+    if chat:
+        sft(SFTConfig(init_from=str(wsd), out_dir=f"{root}/sft", data=chat[0], seq_len=96, batch_size=2,
+                      trainer=TrainerConfig(max_steps=2, val_every=100, save_top_k=1, lr=1e-4, warmup_steps=1)))
 """
 REAL_TP = 3
 CHAT_QUESTIONS = ["What is the capital of France?", "Write one sentence about the sea."]
@@ -107,8 +112,9 @@ def _losses(run: Path) -> list[float]:
 
 def real_checkpoint_model(work: Path, nemo_python: str, corpus: Path) -> Path:
     """SmolLM2-135M-Instruct (the GGUF as an HF directory, with a mask token added) converted by the `wsd_cpt` recipe
-    and fine-tuned by the `sft` recipe on the main job's tasks as chat turns. The conversion runs at tensor parallel
-    1 and 3, whose first-step losses must be equal (1e-5): the vocabulary of 49,153 is padded to split."""
+    and fine-tuned by the `sft` recipe on the main job's tasks as chat turns. The conversion's first step also runs
+    at tensor parallel 3: its loss must equal tensor parallel 1's (1e-5); the vocabulary of 49,153 is padded to
+    split."""
     from blockdiff.models.gguf import gguf_to_hf, smollm2_gguf
     from blockdiff.models.mask_token import add_mask_token
     from blockdiff_demo.corpus import chat_rows, training_tasks
@@ -118,32 +124,31 @@ def real_checkpoint_model(work: Path, nemo_python: str, corpus: Path) -> Path:
     ar = gguf_to_hf(smollm2_gguf(), root / "ar")
     base = root / "ar-mask"
     add_mask_token(ar, base)
-    script = root / "wsd.py"
-    script.write_text(REAL_WSD_SCRIPT)
-    for tp in (1, REAL_TP):
-        _nemo(nemo_python, [script, base, root / f"wsd-tp{tp}", corpus, tp], f"wsd_cpt of SmolLM2 at TP {tp}", tp)
+    script, chat = root / "convert.py", root / "chat.jsonl"
+    script.write_text(REAL_CONVERSION_SCRIPT)
+    chat.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(training_tasks(64))))
+    _nemo(nemo_python, [script, base, root, corpus, 1, chat], "wsd_cpt and sft of SmolLM2 at TP 1")
+    _nemo(nemo_python, [script, base, root, corpus, REAL_TP], f"wsd_cpt's first steps on SmolLM2 at TP {REAL_TP}",
+          REAL_TP)
     single, split = _losses(root / "wsd-tp1"), _losses(root / f"wsd-tp{REAL_TP}")
     if abs(single[0] - split[0]) > 1e-5:
         raise RuntimeError(f"SmolLM2's first wsd_cpt loss at tensor parallel {REAL_TP} {split[0]} != {single[0]} at 1")
-    chat = root / "chat.jsonl"
-    chat.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(training_tasks(64))))
-    _nemo(nemo_python, ["-c", REAL_SFT_SCRIPT, root / f"wsd-tp{REAL_TP}" / "hf", root / "sft", chat],
-          "sft of SmolLM2 on chat turns")
     return root / "sft" / "hf"
 
 
 def chat_cases(model: str, path: Path) -> list[dict]:
-    """Chat prompts through the checkpoint's own template (questions and held-out tasks), as token ids: a single
-    request, then a batch of 3 at thresholds 0.95, 0.7 and 0.0."""
+    """Chat prompts (questions and held-out tasks): a single request, then a batch of 3 at thresholds 0.95, 0.7 and
+    0.0. Each request has its `messages`, which the servers take through their chat endpoints, and its `prompt`,
+    the token ids of the checkpoint's own template rendered by the core, which the reference decodes: equal outputs
+    also prove each server renders and tokenizes the chat as the core does."""
     from blockdiff.text import apply_chat_template, checkpoint_chat_template
     from blockdiff_demo.corpus import chat_question, held_out_tasks
 
     tok, template = load_tokenizer(path), checkpoint_chat_template(path)
     questions = CHAT_QUESTIONS + [chat_question(t) for t in held_out_tasks(2)]
-    prompts = [tok.encode(apply_chat_template(template, [{"role": "user", "content": q}], True)).ids
-               for q in questions]
-    requests = [{"prompt": p, "threshold": t, "max_tokens": n}
-                for p, t, n in zip(prompts, (0.95, 0.95, 0.7, 0.0), (40, 33, 32, 16))]
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    requests = [{"messages": m, "prompt": tok.encode(apply_chat_template(template, m, True)).ids, "threshold": t,
+                 "max_tokens": n} for m, t, n in zip(chats, (0.95, 0.95, 0.7, 0.0), (40, 33, 32, 16))]
     return [{"id": f"{model}/batch0x1", "model": model, "batch": requests[:1]},
             {"id": f"{model}/batch1x3", "model": model, "batch": requests[1:]}]
 
@@ -265,16 +270,25 @@ def cases_for(model: str, path: Path) -> list[dict]:
     return cases
 
 
+def timed(what: str, make: Callable[[], Path]) -> Path:
+    """`make()`, its time printed as the conformance run shows each model's."""
+    start = time.time()
+    made = make()
+    print(f"conformance:   {what} ({time.time() - start:.0f} s)", flush=True)
+    return made
+
+
 def build(work: Path, nemo_python: str) -> Path:
     work.mkdir(parents=True, exist_ok=True)
-    dense = recipe_dense_model(work, nemo_python)
+    dense = timed("dense", lambda: recipe_dense_model(work, nemo_python))
     # LLaDA2: the random model's near-flat logits at blocks 4 and 8 (the mutation check runs on llada2-b8), the model
     # the recipes trained on Megatron's MoE layers at block 32
     models = {**served_variants("dense", dense, work),
               **served_variants("llada2", random_llada2_model(work, dense), work, (4, 8)),
-              **served_variants("llada2-recipes", recipe_llada2_model(work, nemo_python, dense), work, (32,))}
+              **served_variants("llada2-recipes", timed("llada2-recipes", lambda: recipe_llada2_model(
+                  work, nemo_python, dense)), work, (32,))}
     cases = [c for name, path in models.items() for c in cases_for(name, path)]
-    real = real_checkpoint_model(work, nemo_python, work / "corpus.jsonl")
+    real = timed("smollm2-chat", lambda: real_checkpoint_model(work, nemo_python, work / "corpus.jsonl"))
     models["smollm2-chat"] = real
     cases += chat_cases("smollm2-chat", real)
     out = work / "cases.json"

@@ -1,9 +1,10 @@
 """Compare every stack's records with the reference's and print the table (core venv).
 
-Compared per request, as DECODING.md's conformance rule says: token ids, finish reason, `denoise_forwards`. `nfe` is
-shown, not compared (each stack fuses or splits prefill and commit forwards its own way). For a token difference
-the table gives its output position, both tokens, and both tokens' confidence under the reference model at that
-position (the block's earlier positions as the reference committed them, the rest masked).
+Compared per request, as DECODING.md's conformance rule says: token ids, finish reason, `denoise_forwards`; a chat
+case on every stack with a chat endpoint (vLLM offline records it as not run). `nfe` is shown, not compared (each
+stack fuses or splits prefill and commit forwards its own way). For a token difference the table gives its output
+position, both tokens, and both tokens' confidence under the reference model at that position (the block's earlier
+positions as the reference committed them, the rest masked).
 
 The training section compares the Megatron-side losses with the core's (runners/training.py), within 1e-5.
 
@@ -23,6 +24,7 @@ from blockdiff.masks import block_causal_mask
 from blockdiff.models import BlockDiffusionSettings, load_model, read_config
 
 COMPARED = ("tokens", "finish_reason", "denoise_forwards")
+NO_CHAT_ENDPOINT = "not run: no chat endpoint"  # a stack's record of a chat case it cannot take (vLLM offline)
 LOSS_TOLERANCE = 1e-5
 
 
@@ -62,6 +64,10 @@ def compare(spec: dict, reference: dict, stacks: dict[str, dict]) -> tuple[list[
         for stack, records in stacks.items():
             got_batch = records.get(case["id"])
             counts = summary[(case["model"], stack)]
+            if got_batch == NO_CHAT_ENDPOINT:
+                if "messages" in case["batch"][0]:
+                    continue
+                got_batch = None
             for i, request in enumerate(case["batch"]):
                 want = want_batch[i]
                 got = got_batch[i] if got_batch is not None else None
@@ -86,13 +92,12 @@ def compare(spec: dict, reference: dict, stacks: dict[str, dict]) -> tuple[list[
                              f"(confidence {_fmt(conf[0])}) vs {diff[2]} (confidence {_fmt(conf[1])})")
                 details.append(line)
     names = list(stacks)
-    lines = [f"{'model':<12}" + "".join(f"{s:>16}" for s in names)]
+    lines = [f"{'model':<20}" + "".join(f"{s:>18}" for s in names)]
     for model in dict.fromkeys(c["model"] for c in spec["cases"]):
-        lines.append(f"{model:<12}" + "".join(f"{'%d/%d identical' % tuple(summary[(model, s)][::-1]):>16}"
-                                              for s in names))
+        lines.append(f"{model:<20}" + "".join(f"{cell(*summary[(model, s)]):>18}" for s in names))
     nfe = defaultdict(int)
     for stack, records in [("reference", reference), *stacks.items()]:
-        nfe[stack] = sum(r["nfe"] for batch in records.values() for r in batch)
+        nfe[stack] = sum(r["nfe"] for batch in records.values() if batch != NO_CHAT_ENDPOINT for r in batch)
     lines.append("nfe (all requests, not compared): " + ", ".join(f"{s} {n}" for s, n in nfe.items()))
     return lines + (["differences:"] + details if details else []), ok
 
@@ -106,6 +111,10 @@ def compare_training(records: dict) -> tuple[list[str], bool]:
         lines.append(f"{objective:<20}{r['core']:>14.8f}{r['megatron']:>16.8f}{diff:>14.2e}"
                      + ("" if diff <= LOSS_TOLERANCE else "  MISMATCH"))
     return lines, ok
+
+
+def cell(requests: int, identical: int) -> str:
+    return f"{identical}/{requests} identical" if requests else "no chat endpoint"
 
 
 def _fmt(p: float | None) -> str:

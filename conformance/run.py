@@ -42,6 +42,9 @@ def step(what: str, cmd: list[str]) -> None:
     if done.returncode != 0:
         sys.exit(f"conformance: {what} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     print(f"conformance: {what} ({time.time() - start:.0f} s)", flush=True)
+    # and the time of each model in it, as the step printed them
+    print("".join(line + "\n" for line in done.stdout.splitlines() if line.startswith("conformance:   ")), end="",
+          flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     cases = work / "cases.json"
     step("cases built (the wsd_cpt recipe's dense model at blocks 4/8/32, a random LLaDA2 at 4/8, a LLaDA2 through "
-         "every recipe stage at 32; SmolLM2 converted by wsd_cpt at TP 1 and 3 and sft)",
+         "every recipe stage at 32; SmolLM2 converted by wsd_cpt and sft, its first step at TP 1 and 3)",
          module_command("core", "conformance.cases", work, envs.ensure("nemo")))
     step("reference decoder", module_command("core", "conformance.runners.reference", cases, work / "reference.json"))
     step("training: Megatron losses vs the core's",
@@ -71,21 +74,24 @@ def main(argv: list[str] | None = None) -> int:
     if not servers:
         return matrix
     # the recipe's dense model with its own EOS only: dense-b32's second EOS ends every output at once
-    evaluation = module_command("core", "conformance.evaluation", work / "wsd_cpt" / "hf", work / "lm_eval.json",
-                                "--stacks", ",".join(servers))
-    print("conformance: lm-eval on the reference and the servers (the wsd_cpt recipe's dense model)", flush=True)
-    evaluated = subprocess.run(evaluation, cwd=envs.ROOT, timeout=STEP_TIMEOUT).returncode
-    # the real checkpoint's own chat template through each server's chat endpoint: converted, and the AR original on
-    # each stack's own AR path
-    chatted = 0
-    for model, what in (("sft/hf", "SmolLM2 converted"), ("ar", "SmolLM2 AR original")):
-        real_chat = module_command("core", "conformance.evaluation", work / "smollm2" / model,
-                                   work / f"lm_eval_smollm2_{model.split('/')[0]}_chat.json", "--stacks",
-                                   ",".join(servers), "--chat-only", "--limit", "4")
-        print(f"conformance: lm-eval chat on the reference and the servers ({what})", flush=True)
-        chatted = subprocess.run(real_chat, cwd=envs.ROOT, timeout=STEP_TIMEOUT).returncode or chatted
+    evaluated = evaluation("the wsd_cpt recipe's dense model", work / "wsd_cpt" / "hf", work / "lm_eval.json",
+                           "--stacks", ",".join(servers))
+    # the real checkpoint's AR original on each stack's own AR path, its chat template through each server's chat
+    # endpoint (the converted model is a case of the matrix above)
+    chatted = evaluation("SmolLM2's AR original, chat only", work / "smollm2" / "ar",
+                         work / "lm_eval_smollm2_ar_chat.json", "--stacks", ",".join(servers), "--chat-only",
+                         "--limit", "4")
     return matrix or evaluated or chatted
 
+
+def evaluation(what: str, *args) -> int:
+    """conformance.evaluation (lm-eval on the reference and the servers), its table shown as it runs; its exit code."""
+    print(f"conformance: lm-eval on the reference and the servers ({what})", flush=True)
+    start = time.time()
+    code = subprocess.run(module_command("core", "conformance.evaluation", *args), cwd=envs.ROOT,
+                          timeout=STEP_TIMEOUT).returncode
+    print(f"conformance: lm-eval ({what}) exit {code} ({time.time() - start:.0f} s)", flush=True)
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,8 +21,8 @@ def launch_command(model: Path, port: int, *flags: str) -> list[str]:
             "--max-total-tokens", "16384", *flags, *CPU_FLAGS]
 
 
-def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url + "/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
+def post(url: str, body: dict, endpoint: str = "/generate") -> dict:
+    req = urllib.request.Request(url + endpoint, json.dumps(body).encode(), {"Content-Type": "application/json"})
     return json.loads(urllib.request.urlopen(req, timeout=600).read())
 
 
@@ -38,3 +38,14 @@ def generate(url: str, request: dict) -> dict:
     accounting = (meta.get(ACCOUNTING_KEY) or [{}])[0]  # empty for SGLang's own algorithms
     return {"tokens": out["output_ids"], "finish_reason": meta["finish_reason"]["type"],
             "denoise_forwards": accounting.get("denoise_forwards"), "nfe": accounting.get("nfe"), "meta": meta}
+
+
+def chat(url: str, request: dict) -> dict:
+    """POST /v1/chat/completions for a chat request of the shared cases (messages, threshold, max_tokens), greedy:
+    SGLang renders the checkpoint's chat template; returns the reference's fields and `nfe`."""
+    out = post(url, {"model": "m", "messages": request["messages"], "max_tokens": request["max_tokens"],
+                     "temperature": 0, "custom_params": {"threshold": request["threshold"]}, "return_token_ids": True},
+               "/v1/chat/completions")
+    choice, accounting = out["choices"][0], out["metadata"][ACCOUNTING_KEY]
+    return {"tokens": choice["response_token_ids"], "finish_reason": choice["finish_reason"],
+            "denoise_forwards": accounting["denoise_forwards"], "nfe": accounting["nfe"]}

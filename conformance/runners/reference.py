@@ -8,6 +8,7 @@ uses it to prove it catches a wrong decoder.
 
 import argparse
 import json
+import time
 
 import torch
 
@@ -37,6 +38,7 @@ def main() -> None:
     spec = json.loads(open(args.cases).read())
     records = {}
     for name, path in spec["models"].items():
+        start = time.time()
         model, _ = load_model(path)
         settings = BlockDiffusionSettings.from_config(read_config(path))
         decoder = ReferenceDecoder(model, settings.mask_token_id, settings.eos_token_ids)
@@ -45,6 +47,7 @@ def main() -> None:
             results = decoder.generate([r["prompt"] for r in case["batch"]], params)
             records[case["id"]] = [{"tokens": r.tokens, "finish_reason": r.finish_reason,
                                     "denoise_forwards": r.denoise_forwards, "nfe": r.nfe} for r in results]
+        print(f"conformance:   {name} ({time.time() - start:.0f} s)", flush=True)
     open(args.out, "w").write(json.dumps(records))
 
 

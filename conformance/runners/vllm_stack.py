@@ -1,6 +1,7 @@
 """This project's vLLM plugin over the conformance cases (vllm venv), offline (`LLM`) or through
 `blockdiff-vllm-serve` with the OpenAI client. One engine per served model, in its own process; a batch is one
-`generate` call offline, concurrent requests on the server.
+`generate` call offline, concurrent requests on the server (chat cases through its chat endpoint, so offline runs
+none).
 
     python -m conformance.runners.vllm_stack {offline,server} CASES.json OUT.json
 """
@@ -9,10 +10,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from blockdiff.serving import ACCOUNTING_KEY
+from conformance.compare import NO_CHAT_ENDPOINT
 
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
@@ -42,9 +45,12 @@ def server(path: str, cases: list[dict]) -> dict:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
 
         def complete(r):
-            out = client.completions.create(model="m", prompt=r["prompt"], max_tokens=r["max_tokens"], temperature=0,
-                                            extra_body={"vllm_xargs": {"threshold": r["threshold"]},
-                                                        "return_token_ids": True})
+            sent = {"model": "m", "max_tokens": r["max_tokens"], "temperature": 0,
+                    "extra_body": {"vllm_xargs": {"threshold": r["threshold"]}, "return_token_ids": True}}
+            if "messages" in r:  # vLLM renders the checkpoint's chat template itself
+                out = client.chat.completions.create(messages=r["messages"], **sent)
+            else:
+                out = client.completions.create(prompt=r["prompt"], **sent)
             return record(out.choices[0].token_ids, out.choices[0].finish_reason,
                           out.kv_transfer_params[ACCOUNTING_KEY])
 
@@ -57,20 +63,24 @@ def server(path: str, cases: list[dict]) -> dict:
 def main() -> None:
     mode, cases_path, out_path, *one = sys.argv[1:]
     spec = json.loads(Path(cases_path).read_text())
+    # chat cases go through chat endpoints: offline they are recorded as not run, which the comparison shows
+    runs = [c for c in spec["cases"] if mode == "server" or "messages" not in c["batch"][0]]
+    not_run = {c["id"]: NO_CHAT_ENDPOINT for c in spec["cases"] if c not in runs}
     if one:  # a single model, in this process
         name = one[0]
         run = offline if mode == "offline" else server
-        records = run(spec["models"][name], [c for c in spec["cases"] if c["model"] == name])
+        records = run(spec["models"][name], [c for c in runs if c["model"] == name])
         Path(out_path).write_text(json.dumps(records))
         return
-    records = {}
-    for name in spec["models"]:
-        part = Path(out_path).with_suffix(f".{name}.json")
+    records = dict(not_run)
+    for name in dict.fromkeys(c["model"] for c in runs):
+        part, start = Path(out_path).with_suffix(f".{name}.json"), time.time()
         done = subprocess.run([sys.executable, "-m", __spec__.name, mode, cases_path, str(part), name],
                               env={**os.environ, **ENV}, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
             raise RuntimeError(f"vllm {mode} failed on {name}:\n{done.stderr[-3000:]}")
         records.update(json.loads(part.read_text()))
+        print(f"conformance:   {name} ({time.time() - start:.0f} s)", flush=True)
     Path(out_path).write_text(json.dumps(records))
 
 

@@ -16,7 +16,7 @@ from blockdiff.models import (
     tiny_dense_config,
     with_block_diffusion,
 )
-from conformance.compare import compare
+from conformance.compare import NO_CHAT_ENDPOINT, compare
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,3 +46,18 @@ def test_a_ge_threshold_decoder_is_caught(tmp_path):
     assert not ok and any("denoise_forwards" in line and "[perturbed]" in line for line in lines), lines
     again = run_reference(cases, tmp_path / "again.json")  # a second, separate run: equal records pass
     assert compare(spec, good, {"again": again})[1]
+
+
+def test_only_a_chat_case_may_be_recorded_as_not_run_and_a_missing_record_fails():
+    """vLLM offline has no chat endpoint: its "not run" record of a chat case is shown, not counted; the same record
+    of a token-prompt case, or no record at all, is a mismatch."""
+    request = {"prompt": [5, 6], "threshold": 0.9, "max_tokens": 4}
+    spec = {"models": {"m": "unused"}, "cases": [
+        {"id": "m/chat", "model": "m", "batch": [{**request, "messages": [{"role": "user", "content": "hi"}]}]},
+        {"id": "m/tokens", "model": "m", "batch": [request]}]}
+    result = [{"tokens": [7, 8], "finish_reason": "length", "denoise_forwards": 2, "nfe": 3}]
+    reference = {"m/chat": result, "m/tokens": result}
+    lines, ok = compare(spec, reference, {"offline": {"m/chat": NO_CHAT_ENDPOINT, "m/tokens": result}})
+    assert ok and "1/1 identical" in lines[1], lines
+    assert not compare(spec, reference, {"offline": {"m/chat": result, "m/tokens": NO_CHAT_ENDPOINT}})[1]
+    assert not compare(spec, reference, {"server": {"m/tokens": result}})[1]
