@@ -93,5 +93,6 @@ def evaluation(what: str, *args) -> int:
     print(f"conformance: lm-eval ({what}) exit {code} ({time.time() - start:.0f} s)", flush=True)
     return code
 
+
 if __name__ == "__main__":
     sys.exit(main())
