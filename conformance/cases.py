@@ -23,8 +23,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,6 +39,7 @@ from blockdiff.models import (
 )
 from blockdiff.text import load_tokenizer, save_tokenizer, train_tokenizer
 from blockdiff_demo.corpus import humaneval_prompts, stdlib_documents
+from conformance.run import model_time
 
 BLOCK_SIZES = (4, 8, 32)
 THRESHOLDS = (0.95, 0.7, 0.0)
@@ -270,25 +269,20 @@ def cases_for(model: str, path: Path) -> list[dict]:
     return cases
 
 
-def timed(what: str, make: Callable[[], Path]) -> Path:
-    """`make()`, its time printed as the conformance run shows each model's."""
-    start = time.time()
-    made = make()
-    print(f"conformance:   {what} ({time.time() - start:.0f} s)", flush=True)
-    return made
-
-
 def build(work: Path, nemo_python: str) -> Path:
     work.mkdir(parents=True, exist_ok=True)
-    dense = timed("dense", lambda: recipe_dense_model(work, nemo_python))
+    with model_time("dense"):
+        dense = recipe_dense_model(work, nemo_python)
     # LLaDA2: the random model's near-flat logits at blocks 4 and 8 (the mutation check runs on llada2-b8), the model
     # the recipes trained on Megatron's MoE layers at block 32
     models = {**served_variants("dense", dense, work),
-              **served_variants("llada2", random_llada2_model(work, dense), work, (4, 8)),
-              **served_variants("llada2-recipes", timed("llada2-recipes", lambda: recipe_llada2_model(
-                  work, nemo_python, dense)), work, (32,))}
+              **served_variants("llada2", random_llada2_model(work, dense), work, (4, 8))}
+    with model_time("llada2-recipes"):
+        recipes = recipe_llada2_model(work, nemo_python, dense)
+    models.update(served_variants("llada2-recipes", recipes, work, (32,)))
     cases = [c for name, path in models.items() for c in cases_for(name, path)]
-    real = timed("smollm2-chat", lambda: real_checkpoint_model(work, nemo_python, work / "corpus.jsonl"))
+    with model_time("smollm2-chat"):
+        real = real_checkpoint_model(work, nemo_python, work / "corpus.jsonl")
     models["smollm2-chat"] = real
     cases += chat_cases("smollm2-chat", real)
     out = work / "cases.json"

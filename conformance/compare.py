@@ -65,7 +65,7 @@ def compare(spec: dict, reference: dict, stacks: dict[str, dict]) -> tuple[list[
             got_batch = records.get(case["id"])
             counts = summary[(case["model"], stack)]
             if got_batch == NO_CHAT_ENDPOINT:
-                if "messages" in case["batch"][0]:
+                if is_chat(case):
                     continue
                 got_batch = None
             for i, request in enumerate(case["batch"]):
@@ -111,6 +111,11 @@ def compare_training(records: dict) -> tuple[list[str], bool]:
         lines.append(f"{objective:<20}{r['core']:>14.8f}{r['megatron']:>16.8f}{diff:>14.2e}"
                      + ("" if diff <= LOSS_TOLERANCE else "  MISMATCH"))
     return lines, ok
+
+
+def is_chat(case: dict) -> bool:
+    """A case of chat messages, for the stacks' chat endpoints (its requests also carry the rendered prompt)."""
+    return "messages" in case["batch"][0]
 
 
 def cell(requests: int, identical: int) -> str:

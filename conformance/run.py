@@ -14,6 +14,8 @@ import argparse
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tools import envs
@@ -27,6 +29,7 @@ STACKS = {
 
 
 STEP_TIMEOUT = 20 * 60  # seconds; a step still running then has hung (CI must not hang)
+MODEL_TIME = "conformance:   "  # how a step's output line giving one model's time begins; `step` shows those lines
 
 
 def module_command(venv: str, module: str, *args) -> list[str]:
@@ -42,9 +45,15 @@ def step(what: str, cmd: list[str]) -> None:
     if done.returncode != 0:
         sys.exit(f"conformance: {what} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     print(f"conformance: {what} ({time.time() - start:.0f} s)", flush=True)
-    # and the time of each model in it, as the step printed them
-    print("".join(line + "\n" for line in done.stdout.splitlines() if line.startswith("conformance:   ")), end="",
-          flush=True)
+    print("".join(line + "\n" for line in done.stdout.splitlines() if line.startswith(MODEL_TIME)), end="", flush=True)
+
+
+@contextmanager
+def model_time(name: str) -> Iterator[None]:
+    """Prints how long the body took for model `name`, as the line `step` shows under its step (run inside a step)."""
+    start = time.time()
+    yield
+    print(f"{MODEL_TIME}{name} ({time.time() - start:.0f} s)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ uses it to prove it catches a wrong decoder.
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -16,6 +15,7 @@ import blockdiff.decoding as decoding
 from blockdiff.decoding import ReferenceDecoder
 from blockdiff.models import BlockDiffusionSettings, load_model, read_config
 from conformance.cases import decode_params
+from conformance.run import model_time
 
 
 def select_commits_ge(confidence: torch.Tensor, threshold: float, fallback_k: int) -> torch.Tensor:
@@ -38,16 +38,15 @@ def main() -> None:
     spec = json.loads(open(args.cases).read())
     records = {}
     for name, path in spec["models"].items():
-        start = time.time()
-        model, _ = load_model(path)
-        settings = BlockDiffusionSettings.from_config(read_config(path))
-        decoder = ReferenceDecoder(model, settings.mask_token_id, settings.eos_token_ids)
-        for case in (c for c in spec["cases"] if c["model"] == name):
-            params = [decode_params(r, settings.block_size) for r in case["batch"]]
-            results = decoder.generate([r["prompt"] for r in case["batch"]], params)
-            records[case["id"]] = [{"tokens": r.tokens, "finish_reason": r.finish_reason,
-                                    "denoise_forwards": r.denoise_forwards, "nfe": r.nfe} for r in results]
-        print(f"conformance:   {name} ({time.time() - start:.0f} s)", flush=True)
+        with model_time(name):
+            model, _ = load_model(path)
+            settings = BlockDiffusionSettings.from_config(read_config(path))
+            decoder = ReferenceDecoder(model, settings.mask_token_id, settings.eos_token_ids)
+            for case in (c for c in spec["cases"] if c["model"] == name):
+                params = [decode_params(r, settings.block_size) for r in case["batch"]]
+                results = decoder.generate([r["prompt"] for r in case["batch"]], params)
+                records[case["id"]] = [{"tokens": r.tokens, "finish_reason": r.finish_reason,
+                                        "denoise_forwards": r.denoise_forwards, "nfe": r.nfe} for r in results]
     open(args.out, "w").write(json.dumps(records))
 
 

@@ -7,10 +7,10 @@
 
 import json
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from conformance.run import model_time
 from drivers.servers import free_port, running_server
 from drivers.sglang_cpu import CPU_ENV, chat, generate, launch_command
 
@@ -20,15 +20,16 @@ def main() -> None:
     spec = json.loads(Path(cases_path).read_text())
     records = {}
     for name, path in spec["models"].items():
-        port, start = free_port(), time.time()
-        cmd = launch_command(Path(path), port, "--context-length", "512", "--dllm-algorithm", "BlockDiff",
-                             "--max-running-requests", "8", "--served-model-name", "m")
-        with running_server(cmd, port, Path(path) / "sglang-server.log", CPU_ENV) as url:
-            for case in (c for c in spec["cases"] if c["model"] == name):
-                with ThreadPoolExecutor(len(case["batch"])) as pool:
-                    results = pool.map(lambda r: chat(url, r) if "messages" in r else generate(url, r), case["batch"])
-                    records[case["id"]] = [{k: v for k, v in g.items() if k != "meta"} for g in results]
-        print(f"conformance:   {name} ({time.time() - start:.0f} s)", flush=True)
+        with model_time(name):
+            port = free_port()
+            cmd = launch_command(Path(path), port, "--context-length", "512", "--dllm-algorithm", "BlockDiff",
+                                 "--max-running-requests", "8", "--served-model-name", "m")
+            with running_server(cmd, port, Path(path) / "sglang-server.log", CPU_ENV) as url:
+                for case in (c for c in spec["cases"] if c["model"] == name):
+                    with ThreadPoolExecutor(len(case["batch"])) as pool:
+                        results = pool.map(lambda r: chat(url, r) if "messages" in r else generate(url, r),
+                                           case["batch"])
+                        records[case["id"]] = [{k: v for k, v in g.items() if k != "meta"} for g in results]
     Path(out_path).write_text(json.dumps(records))
 
 

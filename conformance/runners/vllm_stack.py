@@ -10,12 +10,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from blockdiff.serving import ACCOUNTING_KEY
-from conformance.compare import NO_CHAT_ENDPOINT
+from conformance.compare import NO_CHAT_ENDPOINT, is_chat
+from conformance.run import model_time
 
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
@@ -64,7 +64,7 @@ def main() -> None:
     mode, cases_path, out_path, *one = sys.argv[1:]
     spec = json.loads(Path(cases_path).read_text())
     # chat cases go through chat endpoints: offline they are recorded as not run, which the comparison shows
-    runs = [c for c in spec["cases"] if mode == "server" or "messages" not in c["batch"][0]]
+    runs = [c for c in spec["cases"] if mode == "server" or not is_chat(c)]
     not_run = {c["id"]: NO_CHAT_ENDPOINT for c in spec["cases"] if c not in runs}
     if one:  # a single model, in this process
         name = one[0]
@@ -74,13 +74,13 @@ def main() -> None:
         return
     records = dict(not_run)
     for name in dict.fromkeys(c["model"] for c in runs):
-        part, start = Path(out_path).with_suffix(f".{name}.json"), time.time()
-        done = subprocess.run([sys.executable, "-m", __spec__.name, mode, cases_path, str(part), name],
-                              env={**os.environ, **ENV}, capture_output=True, text=True, timeout=1800)
+        part = Path(out_path).with_suffix(f".{name}.json")
+        with model_time(name):
+            done = subprocess.run([sys.executable, "-m", __spec__.name, mode, cases_path, str(part), name],
+                                  env={**os.environ, **ENV}, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
             raise RuntimeError(f"vllm {mode} failed on {name}:\n{done.stderr[-3000:]}")
         records.update(json.loads(part.read_text()))
-        print(f"conformance:   {name} ({time.time() - start:.0f} s)", flush=True)
     Path(out_path).write_text(json.dumps(records))
 
 
