@@ -2,6 +2,8 @@
 `blockdiff` model and this plugin's offline tasks; outputs, scores and cost are checked against the decoder itself."""
 
 import math
+import subprocess
+import sys
 
 import lm_eval
 import pytest
@@ -113,3 +115,25 @@ def test_bad_model_args_and_likelihood_requests_are_refused_by_name(tiny):
         BlockDiffusionLM(pretrained=str(path), threshold=1.5)
     with pytest.raises(NotImplementedError, match="loglikelihood requests are not supported"):
         BlockDiffusionLM(pretrained=str(path)).loglikelihood([])
+
+
+def test_the_models_are_lm_eval_plugin_entry_points_that_resolve_lazily_to_the_registered_classes(tmp_path):
+    """lm-eval after 0.4.13 reads the `lm_eval.models` entry points and registers each name as a lazy `module:object`
+    placeholder, imported only when a run asks for it; the import's `@register_model` then upgrades the placeholder,
+    which works only if the entry point names the decorated class. 0.4.13's registry takes the same placeholder, so a
+    fresh interpreter does here what that discovery does, outside the checkout (whose build metadata would shadow the
+    installed one)."""
+    script = """
+import importlib.metadata, sys
+from lm_eval.api.registry import get_model, model_registry
+for entry in importlib.metadata.entry_points(group="lm_eval.models"):
+    model_registry.register(entry.name, target=entry.value)
+assert "lm_eval_blockdiff.models" not in sys.modules
+print(sorted((name, get_model(name).__module__ + ":" + get_model(name).__name__)
+             for name in ("blockdiff", "blockdiff-completions")))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str([("blockdiff", "lm_eval_blockdiff.models:BlockDiffusionLM"),
+                                      ("blockdiff-completions", "lm_eval_blockdiff.models:BlockDiffusionCompletions")])
