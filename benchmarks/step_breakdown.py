@@ -11,12 +11,13 @@ rate / requests; the processes share 2 cores, so CPU ms can exceed wall ms). The
 requests in batches of 1, 4 and 16 in this process, its model forward timed apart from the rest (the per-request
 rules, which are sampling/commit). The last column is each stack's wall time per request against the reference's:
 the same requests take the same denoising forwards everywhere (conformance), so it is the ratio of the cost per
-denoising forward.
+denoising forward. `vllm-uni` is the vLLM plugin's server with `--distributed-executor-backend uni`: the model runs in
+the engine-core process, without the worker process and the shared-memory queue vLLM's default puts between them.
 
     make demo   # once: trains runs/nemo/cap/hf
-    $(python3 tools/envs.py --path core) -m benchmarks.step_breakdown [--stacks vllm,sglang]
+    $(python3 tools/envs.py --path core) -m benchmarks.step_breakdown [--stacks vllm,vllm-uni,sglang]
 
-Writes results/step_breakdown.json (about 4 minutes). Needs py-spy (the core env's `bench` extra).
+Writes results/step_breakdown.json (about 6 minutes). Needs py-spy (the core env's `bench` extra).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 from benchmarks.serving_throughput import CONCURRENCY, REQUESTS, RESULTS, STACKS, THRESHOLD
 from blockdiff_demo.evaluate import MAX_ANSWER_TOKENS, block_aligned_budget
 from drivers.servers import free_port, group_pids, running_server
+from drivers.stack_servers import vllm_command
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS, RATE = 6.0, 100
@@ -51,6 +53,13 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 ]
 FRONTEND = "HTTP/tokenize/detokenize"
 COLUMNS = [name for name, _ in CATEGORIES[:-1]] + [FRONTEND] + [CATEGORIES[-1][0], "other"]
+
+
+def vllm_uni_command(model: Path, port: int, block_diffusion: bool) -> list[str]:
+    return [*vllm_command(model, port, block_diffusion), "--distributed-executor-backend", "uni"]
+
+
+SERVERS = {**STACKS, "vllm-uni": (vllm_uni_command, *STACKS["vllm"][1:])}
 
 
 def categorize(frames: str, frontend: bool) -> str:
@@ -141,7 +150,7 @@ def reference_breakdown(model: Path, requests: list) -> dict[int, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where `make demo` wrote (default: runs/)")
-    parser.add_argument("--stacks", default="vllm,sglang")
+    parser.add_argument("--stacks", default="vllm,vllm-uni,sglang", help=f"any of {', '.join(SERVERS)}")
     args = parser.parse_args()
     from blockdiff.text import load_tokenizer
     from blockdiff_demo.corpus import held_out_tasks
@@ -155,7 +164,7 @@ def main() -> None:
     requests = [(p, block_aligned_budget(len(p), MAX_ANSWER_TOKENS, 32)) for p in prompts]
     rows = [{"stack": "reference", "concurrency": c, **r} for c, r in reference_breakdown(model, requests).items()]
     for stack in args.stacks.split(","):
-        command, send, env = STACKS[stack]
+        command, send, env = SERVERS[stack]
         port = free_port()
         log = RESULTS / "serving_logs" / f"{stack}-breakdown.log"
         log.parent.mkdir(parents=True, exist_ok=True)
