@@ -17,7 +17,7 @@ the engine-core process, without the worker process and the shared-memory queue 
     make demo   # once: trains runs/nemo/cap/hf
     $(python3 tools/envs.py --path core) -m benchmarks.step_breakdown [--stacks vllm,vllm-uni,sglang]
 
-Writes results/step_breakdown.json (about 6 minutes). Needs py-spy (the core env's `bench` extra).
+Writes results/step_breakdown.json (about 3 minutes). Needs py-spy (the core env's `bench` extra).
 """
 
 from __future__ import annotations
