@@ -46,21 +46,22 @@ def post(url: str, body: dict) -> dict:
     return json.loads(urlopen(request, timeout=600).read())
 
 
-def vllm_send(url: str, request: tuple[list[int], int], block_diffusion: bool) -> Sent:
+def vllm_send(url: str, request: tuple[list[int], int], block_diffusion: bool, threshold: float = THRESHOLD) -> Sent:
     prompt, max_tokens = request
     body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True}
     if block_diffusion:
-        body["vllm_xargs"] = {"threshold": THRESHOLD}
+        body["vllm_xargs"] = {"threshold": threshold}
     out = post(url + "/v1/completions", body)
     forwards = (out.get("kv_transfer_params") or {}).get("block_diffusion", {}).get("denoise_forwards")
     return out["choices"][0]["token_ids"], forwards
 
 
-def sglang_send(url: str, request: tuple[list[int], int], block_diffusion: bool) -> Sent:
+def sglang_send(url: str, request: tuple[list[int], int], block_diffusion: bool, threshold: float = THRESHOLD
+                ) -> Sent:
     prompt, max_tokens = request
     sampling = {"temperature": 0, "max_new_tokens": max_tokens}
     if block_diffusion:
-        sampling["custom_params"] = {"threshold": THRESHOLD}
+        sampling["custom_params"] = {"threshold": threshold}
     out = post(url + "/generate", {"input_ids": prompt, "sampling_params": sampling})
     accounting = (out["meta_info"].get(ACCOUNTING_KEY) or [{}])[0]
     return out["output_ids"], accounting.get("denoise_forwards")

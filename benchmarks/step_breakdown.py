@@ -1,23 +1,27 @@
 """Where a block-diffusion server's time goes, against the reference decoder on the same model and requests (issue #16
-item 2: profile first).
+item 2: profile first), and what the engines' own AR path costs against the reference's on the same machine.
 
-Each stack serves the `cap` model `make demo` trains (block 32, threshold 0.95) and gets the first 72 held-out task
-instances at concurrency 1, 4 and 16, over and over for `SECONDS`, while py-spy samples every process of the server
-(API server, engine core, workers, detokenizer) at `RATE` Hz. Each sample is put in the first category whose frames
-it holds: attention metadata, model forward, sampling/commit (the plugin's denoising step: logits, propose, commit),
-input preparation, scheduler, HTTP/tokenize/detokenize (any sample of the API server or detokenizer process), IPC
-and waiting (message queues, spin waits), other. Reported per request: wall ms, and CPU ms per category (samples /
-rate / requests; the processes share 2 cores, so CPU ms can exceed wall ms). The reference decoder runs the same
-requests in batches of 1, 4 and 16 in this process, its model forward timed apart from the rest (the per-request
-rules, which are sampling/commit). The last column is each stack's wall time per request against the reference's:
-the same requests take the same denoising forwards everywhere (conformance), so it is the ratio of the cost per
-denoising forward. `vllm-uni` is the vLLM plugin's server with `--distributed-executor-backend uni`: the model runs in
-the engine-core process, without the worker process and the shared-memory queue vLLM's default puts between them.
+Each stack serves the `cap` model `make demo` trains (block 32) and its AR base, and gets the first 72 held-out task
+instances at concurrency 1, 4 and 16, over and over for at least `SECONDS`, while py-spy samples every process of the
+server (API server, engine core, workers, detokenizer) at `RATE` Hz. The `cap` model gets them twice: at threshold
+0.95 (about 1.5 denoising forwards per request) and at threshold 1.0 (one token per forward: a forward for every
+position of a block), so that a stack's cost per request splits into a part per denoising forward and a part per
+request (HTTP, tokenizing, admission): with wall time per request W and denoising forwards per request n at the two
+thresholds, per forward S = (W1 - W0) / (n1 - n0) and per request F = W0 - n0 S. Each sample is put in the first
+category whose frames it holds: attention metadata, model forward, sampling/commit (the plugin's denoising step:
+logits, propose, commit; for AR the engine's sampler), input preparation, scheduler, HTTP/tokenize/detokenize (any
+sample of the API server or detokenizer process), IPC and waiting (message queues, spin waits), other. Reported per
+request: wall ms, and CPU ms per category (samples / rate / requests; the processes share 2 cores, so CPU ms can
+exceed wall ms). The reference decoder (block diffusion, and the core's `greedy_ar_decode` for AR) runs the same
+requests in batches of 1, 4 and 16 in this process, its model forward timed apart from the rest. The same requests
+take the same forwards on every stack (conformance), so a stack's wall against the reference's is the ratio of their
+costs. `vllm-uni` is the vLLM server with `--distributed-executor-backend uni`: the model runs in the engine-core
+process, without the worker process and the shared-memory queue vLLM's default puts between them.
 
-    make demo   # once: trains runs/nemo/cap/hf
+    make demo   # once: trains runs/demo/ar-base and runs/nemo/cap/hf
     $(python3 tools/envs.py --path core) -m benchmarks.step_breakdown [--stacks vllm,vllm-uni,sglang]
 
-Writes results/step_breakdown.json (about 3 minutes). Needs py-spy (the core env's `bench` extra).
+Writes results/step_breakdown.json (about 8 minutes). Needs py-spy (the core env's `bench` extra).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -39,12 +44,16 @@ from drivers.stack_servers import vllm_command
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS, RATE = 6.0, 100
+# (model, threshold): the cap model at the served threshold and at 1.0 (one token per forward), the AR base
+WORKLOADS: list[tuple[str, float | None]] = [("cap", THRESHOLD), ("cap", 1.0), ("ar", None)]
 
 # (category, frame substrings): a sample goes to the first category any of whose substrings one of its frames holds
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("attention metadata", ("_build_attention_metadata", "block_causal_metadata", "init_forward_metadata")),
     ("model forward", ("GPUModelRunner._model_forward", "ModelRunner.forward (")),
-    ("sampling/commit", ("BlockDiffusionRunnerMixin.sample_tokens", "BlockDiff.step")),
+    # the plugins' denoising step, or the engine's own AR sampling
+    ("sampling/commit", ("BlockDiffusionRunnerMixin.sample_tokens", "BlockDiff.step", "GPUModelRunner.sample_tokens",
+                         "ModelRunner.sample (")),
     ("input preparation", ("GPUModelRunner._prepare_inputs", "GPUModelRunner._update_states",
                            "ScheduleBatch.prepare_for_", "ForwardBatch.init_new")),
     ("scheduler", ("Scheduler.schedule", "Scheduler.update_from_output", "Scheduler.get_next_batch_to_run",
@@ -84,21 +93,28 @@ def is_frontend(pid: int, root: int) -> bool:
     return pid == root or "detokenizer" in command
 
 
-def profiled_load(url: str, send, requests: list, concurrency: int, out: Path) -> tuple[Counter, int, float]:
-    """Send `requests` at `concurrency` for SECONDS while py-spy samples every server process. Returns CPU seconds per
-    category, requests answered, wall seconds."""
+def profiled_load(url: str, send, requests: list, concurrency: int, out: Path
+                  ) -> tuple[Counter, int, int, float, list[list[int]]]:
+    """Send `requests` at `concurrency`, whole passes for at least SECONDS, while py-spy samples every server process.
+    Returns CPU seconds per category, requests answered, their denoising forwards (0 for AR), wall seconds and the
+    first pass's output tokens."""
     pids = group_pids(url)
     spies = {pid: subprocess.Popen([py_spy(), "record", "-p", str(pid), "-o", str(out.with_suffix(f".{pid}.txt")),
-                                    "-f", "raw", "-r", str(RATE), "-d", str(int(SECONDS) + 2), "--nonblocking"],
+                                    "-f", "raw", "-r", str(RATE), "-d", "3600", "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in pids}
+    spied = time.perf_counter()
     time.sleep(1)  # py-spy attaches
-    answered, start = 0, time.perf_counter()
+    answered, forwards, first, start = 0, 0, None, time.perf_counter()
     while time.perf_counter() - start < SECONDS:
         with ThreadPoolExecutor(concurrency) as pool:
-            answered += len(list(pool.map(send, requests)))
+            sent = list(pool.map(send, requests))
+        first = first or [ids for ids, _ in sent]
+        answered += len(sent)
+        forwards += sum(f or 0 for _, f in sent)
     wall = time.perf_counter() - start
     seconds = Counter()
     for pid, spy in spies.items():
+        spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
         spy.wait(timeout=60)
         trace = out.with_suffix(f".{pid}.txt")
         if not trace.exists():  # a process with no Python frames to sample (multiprocessing's resource tracker)
@@ -108,42 +124,60 @@ def profiled_load(url: str, send, requests: list, concurrency: int, out: Path) -
             frames, _, count = line.rpartition(" ")
             seconds[categorize(frames, frontend)] += int(count) / RATE
         trace.unlink()
-    # the samples cover SECONDS + 2 while requests ran for `wall`: scale to the requests' share
-    return Counter({k: v * wall / (SECONDS + 2) for k, v in seconds.items()}), answered, wall
+    # the samples also cover py-spy's attaching before the requests: scale to the requests' share
+    sampled = time.perf_counter() - spied
+    return Counter({k: v * wall / sampled for k, v in seconds.items()}), answered, forwards, wall, first
 
 
-def reference_breakdown(model: Path, requests: list) -> dict[int, dict]:
-    from blockdiff.decoding import DecodeParams, ReferenceDecoder
+class TimedModel:
+    """The model, with the seconds its forwards take added up (the decoders call it and its `new_cache`)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.seconds = model, 0.0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.model(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def new_cache(self, *args, **kwargs):
+        return self.model.new_cache(*args, **kwargs)
+
+
+def reference_breakdown(model: Path, requests: list, threshold: float | None, eos: int, right) -> dict[int, dict]:
+    """The reference decoder on `requests` in batches of each concurrency: block diffusion at `threshold`, or with
+    None the core's `greedy_ar_decode` on an AR model; its model forward timed apart from the rest (the per-request
+    rules: sampling/commit, or AR's argmax). `right(outputs)` is the held-out accuracy of a list of outputs."""
+    from blockdiff.decoding import DecodeParams, ReferenceDecoder, greedy_ar_decode
     from blockdiff.models import BlockDiffusionSettings, load_model
 
     net, cfg = load_model(model)
-    net.eval()
-    settings = BlockDiffusionSettings.from_config(cfg)
-
-    class TimedDecoder(ReferenceDecoder):
-        forward_seconds = 0.0
-
-        def _forward(self, *args, **kwargs):
-            start = time.perf_counter()
-            out = super()._forward(*args, **kwargs)
-            TimedDecoder.forward_seconds += time.perf_counter() - start
-            return out
-
-    decoder = TimedDecoder(net, settings.mask_token_id, settings.eos_token_ids)
+    timed = TimedModel(net.eval())
     prompts = [p for p, _ in requests]
-    params = [DecodeParams(n, settings.block_size, THRESHOLD) for _, n in requests]
-    decoder.generate(prompts[:1], params[:1])  # warm-up
+    if threshold is not None:
+        settings = BlockDiffusionSettings.from_config(cfg)
+        decoder = ReferenceDecoder(timed, settings.mask_token_id, settings.eos_token_ids)
+        params = [DecodeParams(n, settings.block_size, threshold) for _, n in requests]
+
+        def batch(i: int, j: int) -> list:
+            return decoder.generate(prompts[i:j], params[i:j])
+    else:
+
+        def batch(i: int, j: int) -> list:
+            return greedy_ar_decode(timed, prompts[i:j], MAX_ANSWER_TOKENS, (eos,))
+    accuracy = right([r.tokens for i in range(0, len(requests), 16) for r in batch(i, i + 16)])  # and warm-up
     rows = {}
     for c in CONCURRENCY:
-        TimedDecoder.forward_seconds, answered, start = 0.0, 0, time.perf_counter()
+        timed.seconds, answered, forwards, start = 0.0, 0, 0, time.perf_counter()
         while time.perf_counter() - start < SECONDS:
-            for i in range(0, len(requests), c):
-                decoder.generate(prompts[i:i + c], params[i:i + c])
-            answered += len(requests)
+            results = [r for i in range(0, len(requests), c) for r in batch(i, i + c)]
+            answered += len(results)
+            forwards += sum(r.denoise_forwards for r in results) if threshold is not None else 0
         wall = time.perf_counter() - start
-        rows[c] = {"wall_ms": 1e3 * wall / answered,
-                   "cpu_ms": {"model forward": 1e3 * TimedDecoder.forward_seconds / answered,
-                              "sampling/commit": 1e3 * (wall - TimedDecoder.forward_seconds) / answered}}
+        rows[c] = {"wall_ms": 1e3 * wall / answered, "denoise_forwards": forwards / answered, "accuracy": accuracy,
+                   "cpu_ms": {"model forward": 1e3 * timed.seconds / answered,
+                              "sampling/commit": 1e3 * (wall - timed.seconds) / answered}}
     return rows
 
 
@@ -152,47 +186,95 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where `make demo` wrote (default: runs/)")
     parser.add_argument("--stacks", default="vllm,vllm-uni,sglang", help=f"any of {', '.join(SERVERS)}")
     args = parser.parse_args()
-    from blockdiff.text import load_tokenizer
+    from blockdiff.text import EOS, load_tokenizer, special_id
     from blockdiff_demo.corpus import held_out_tasks
+    from blockdiff_demo.tasks import is_exact
 
-    model = args.runs / "nemo/cap/hf"
-    if not (model / "config.json").exists():
-        raise SystemExit(f"{model} does not exist: run `make demo` first")
+    models = {"cap": args.runs / "nemo/cap/hf", "ar": args.runs / "demo/ar-base"}
+    for path in models.values():
+        if not (path / "config.json").exists():
+            raise SystemExit(f"{path} does not exist: run `make demo` first")
     py_spy()
-    tok = load_tokenizer(model)
-    prompts = [tok.encode(t.prompt).ids for t in held_out_tasks()[:REQUESTS]]
-    requests = [(p, block_aligned_budget(len(p), MAX_ANSWER_TOKENS, 32)) for p in prompts]
-    rows = [{"stack": "reference", "concurrency": c, **r} for c, r in reference_breakdown(model, requests).items()]
+    tok = load_tokenizer(models["cap"])
+    eos = special_id(tok, EOS)
+    tasks = held_out_tasks()[:REQUESTS]
+    prompts = [tok.encode(t.prompt).ids for t in tasks]
+
+    def right(outputs: list[list[int]]) -> float:
+        texts = [tok.decode([t for t in ids if t != eos]) for ids in outputs]
+        return sum(is_exact(task, text) for task, text in zip(tasks, texts)) / len(tasks)
+
+    # as serving_throughput: block-diffusion budgets end on a block boundary, AR stops at EOS within the budget
+    budgets = {"cap": [(p, block_aligned_budget(len(p), MAX_ANSWER_TOKENS, 32)) for p in prompts],
+               "ar": [(p, MAX_ANSWER_TOKENS) for p in prompts]}
+    rows = [{"stack": "reference", "model": name, "threshold": t, "concurrency": c, **r}
+            for name, t in WORKLOADS
+            for c, r in reference_breakdown(models[name], budgets[name], t, eos, right).items()]
     for stack in args.stacks.split(","):
         command, send, env = SERVERS[stack]
-        port = free_port()
-        log = RESULTS / "serving_logs" / f"{stack}-breakdown.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with running_server(command(model, port, True), port, log, env, timeout=600) as url:
-            def one(request, url=url, send=send):
-                return send(url, request, True)
+        for name, path in models.items():
+            port = free_port()
+            log = RESULTS / "serving_logs" / f"{stack}-{name}-breakdown.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with running_server(command(path, port, name != "ar"), port, log, env, timeout=600) as url:
+                send(url, budgets[name][0], name != "ar")  # warm-up
+                for t in [t for n, t in WORKLOADS if n == name]:
+                    def one(request, url=url, send=send, t=t):  # AR (t None) sends no threshold
+                        return send(url, request, t is not None, t or THRESHOLD)
 
-            one(requests[0])  # warm-up
-            for c in CONCURRENCY:
-                seconds, answered, wall = profiled_load(url, one, requests, c, RESULTS / f"step_breakdown_{stack}")
-                rows.append({"stack": stack, "concurrency": c, "wall_ms": 1e3 * wall / answered,
-                             "cpu_ms": {k: 1e3 * v / answered for k, v in seconds.items()}})
+                    for c in CONCURRENCY:
+                        seconds, answered, forwards, wall, outputs = profiled_load(
+                            url, one, budgets[name], c, RESULTS / f"step_breakdown_{stack}_{name}")
+                        rows.append({"stack": stack, "model": name, "threshold": t, "concurrency": c,
+                                     "wall_ms": 1e3 * wall / answered, "denoise_forwards": forwards / answered,
+                                     "accuracy": right(outputs),
+                                     "cpu_ms": {k: 1e3 * v / answered for k, v in seconds.items()}})
     report(rows)
 
 
+def per_forward_split(rows: list[dict]) -> list[dict]:
+    """Per stack and concurrency, the `cap` rows at the two thresholds as cost per denoising forward S and per request
+    F (module docstring), S against the reference's."""
+    bd = {(r["stack"], r["threshold"], r["concurrency"]): r for r in rows if r["model"] == "cap"}
+    low, high = (t for n, t in WORKLOADS if n == "cap")
+    split = []
+    for (stack, t, c), r0 in bd.items():
+        if t != low:
+            continue
+        r1 = bd[stack, high, c]
+        per_forward = (r1["wall_ms"] - r0["wall_ms"]) / (r1["denoise_forwards"] - r0["denoise_forwards"])
+        split.append({"stack": stack, "concurrency": c, "per_forward_ms": per_forward,
+                      "per_request_ms": r0["wall_ms"] - r0["denoise_forwards"] * per_forward})
+    reference = {s["concurrency"]: s["per_forward_ms"] for s in split if s["stack"] == "reference"}
+    for s in split:
+        s["per_forward_vs_reference"] = s["per_forward_ms"] / reference[s["concurrency"]]
+    return split
+
+
 def report(rows: list[dict]) -> None:
-    reference = {r["concurrency"]: r["wall_ms"] for r in rows if r["stack"] == "reference"}
+    reference = {(r["model"], r["threshold"], r["concurrency"]): r["wall_ms"] for r in rows if r["stack"] == "reference"}
     header = "".join(f"{name[:12]:>13}" for name in COLUMNS)
-    print("\nper request, ms (CPU ms per category; wall ms; wall against the reference at the same concurrency)")
-    print(f"{'stack':>10}{'conc':>5}{header}{'wall':>8}{'vs ref':>8}")
+    print("\nper request, ms (CPU ms per category; wall ms; wall against the reference on the same workload)")
+    print(f"{'stack':>10}{'model':>6}{'thr':>5}{'right':>7}{'conc':>5}{'fwd':>6}{header}{'wall':>8}{'vs ref':>8}")
     for r in rows:
-        r["vs_reference"] = r["wall_ms"] / reference[r["concurrency"]]
+        r["vs_reference"] = r["wall_ms"] / reference[r["model"], r["threshold"], r["concurrency"]]
         cells = "".join(f"{r['cpu_ms'][name]:>13.2f}" if name in r["cpu_ms"] else f"{'-':>13}" for name in COLUMNS)
-        print(f"{r['stack']:>10}{r['concurrency']:>5}{cells}{r['wall_ms']:>8.2f}{r['vs_reference']:>7.2f}x")
-    setup = {"model": "runs/nemo/cap/hf", "requests": f"the first {REQUESTS} held-out task instances",
-             "threshold": THRESHOLD, "block_size": 32, "seconds_per_level": SECONDS, "py_spy_rate_hz": RATE,
+        threshold = "-" if r["threshold"] is None else f"{r['threshold']:g}"
+        print(f"{r['stack']:>10}{r['model']:>6}{threshold:>5}{r['accuracy']:>7.1%}{r['concurrency']:>5}"
+              f"{r['denoise_forwards']:>6.1f}"
+              f"{cells}{r['wall_ms']:>8.2f}{r['vs_reference']:>7.2f}x")
+    split = per_forward_split(rows)
+    print("\ncap, cost per denoising forward S and per request F, ms (from the two thresholds)")
+    print(f"{'stack':>10}{'conc':>5}{'S':>8}{'S vs ref':>10}{'F':>8}")
+    for s in split:
+        print(f"{s['stack']:>10}{s['concurrency']:>5}{s['per_forward_ms']:>8.2f}{s['per_forward_vs_reference']:>9.2f}x"
+              f"{s['per_request_ms']:>8.2f}")
+    setup = {"models": {"cap": "runs/nemo/cap/hf", "ar": "runs/demo/ar-base"},
+             "requests": f"the first {REQUESTS} held-out task instances", "workloads": WORKLOADS, "block_size": 32,
+             "max_tokens": MAX_ANSWER_TOKENS, "seconds_per_level": SECONDS, "py_spy_rate_hz": RATE,
              "machine": "2-core CPU, fp32"}
-    (RESULTS / "step_breakdown.json").write_text(json.dumps({**setup, "rows": rows}, indent=1) + "\n")
+    (RESULTS / "step_breakdown.json").write_text(json.dumps({**setup, "rows": rows, "per_forward": split}, indent=1)
+                                                 + "\n")
     print(f"written {RESULTS / 'step_breakdown.json'}")
 
 

@@ -1,0 +1,21 @@
+"""The step-breakdown benchmark's split of a stack's time per request into a cost per denoising forward and a cost
+per request (benchmarks/step_breakdown.py), on rows made from known costs."""
+
+import pytest
+
+from benchmarks.step_breakdown import WORKLOADS, per_forward_split
+
+
+def test_two_thresholds_recover_the_cost_per_forward_and_per_request():
+    costs = {"reference": (0.0, 2.0), "vllm": (5.0, 3.0)}  # stack -> (per request F, per forward S), ms
+    forwards = {WORKLOADS[0][1]: 1.5, WORKLOADS[1][1]: 18.0}
+    rows = [{"stack": stack, "model": "cap", "threshold": t, "concurrency": c, "denoise_forwards": n,
+             "wall_ms": f + n * s} for stack, (f, s) in costs.items() for t, n in forwards.items() for c in (1, 16)]
+    rows.append({"stack": "vllm", "model": "ar", "threshold": None, "concurrency": 1, "denoise_forwards": 0,
+                 "wall_ms": 99.0})  # AR rows take no part
+    split = {(s["stack"], s["concurrency"]): s for s in per_forward_split(rows)}
+    assert set(split) == {(stack, c) for stack in costs for c in (1, 16)}
+    for (stack, _), s in split.items():
+        assert s["per_request_ms"] == pytest.approx(costs[stack][0])
+        assert s["per_forward_ms"] == pytest.approx(costs[stack][1])
+        assert s["per_forward_vs_reference"] == pytest.approx(costs[stack][1] / costs["reference"][1])
