@@ -5,9 +5,7 @@ Loading it registers the block-diffusion dense architectures, the `llada2_moe` c
 decoding as the dLLM algorithm `BlockDiff`, and hooks SGLang so the checkpoint's own config supplies block size, mask
 id, EOS and threshold. It is switched on per server by `--dllm-algorithm BlockDiff`; without that flag SGLang runs
 unchanged, except that the HTTP server's request guard (`blockdiff.http_guard`: a body size limit, JSON bodies that
-are objects) stands in front of every server this plugin is installed in, and on the CPU runtime two of SGLang's
-CPU fallbacks are mended (`hooks.scale_native_moe_output`, `hooks.attend_from_extend_queries_only`: the same results,
-without recomputing a block's prefix rows).
+are objects) stands in front of every server this plugin is installed in.
 """
 
 def register() -> None:
@@ -62,5 +60,3 @@ def register() -> None:
     if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":  # the CPU runtime (docs/environments.md)
         HookRegistry.register("sglang.srt.layers.moe.fused_moe_native.moe_forward_native",
                               hooks.scale_native_moe_output, HookType.AFTER)
-        HookRegistry.register("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend."
-                              "_run_sdpa_forward_extend", hooks.attend_from_extend_queries_only, HookType.AROUND)

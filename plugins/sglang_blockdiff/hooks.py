@@ -8,7 +8,6 @@ import logging
 import math
 from http import HTTPStatus
 
-import torch
 import yaml
 
 from blockdiff.http_guard import RequestGuard
@@ -213,33 +212,3 @@ def scale_native_moe_output(output, layer, x, topk_output, moe_runner_config):
     factor set to 1). A CPU runtime fix; GPU serving does not run this function."""
     factor = moe_runner_config.routed_scaling_factor
     return output if factor is None or factor == 1.0 else output * factor
-
-
-def attend_from_extend_queries_only(original, backend, query, output, k_cache, v_cache, req_to_token,
-                                    req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
-                                    encoder_lens=None, scaling=None, enable_gqa=False, causal=False,
-                                    is_cross_attn=False, sliding_window_size=None):
-    """`TorchNativeAttnBackend._run_sdpa_forward_extend` (SGLang's attention on CPU) for non-causal self-attention, a
-    block reading its cached prefix in both directions: each request's extend queries attend to its keys
-    [0, seq_len) directly. SGLang pads the queries to the whole sequence and drops the prefix rows afterwards, which
-    for a 32-position block after a prompt computes the prompt's attention again at every denoising step
-    (benchmarks.step_breakdown: SGLang's forward about 2.4x the reference's). The same attention, numerically: no
-    mask either way, and each output row depends only on its own query. Causal, cross, windowed and encoder-offset
-    attention go to SGLang's own code."""
-    windowed = sliding_window_size is not None and sliding_window_size > -1
-    if causal or is_cross_attn or encoder_lens is not None or windowed:
-        return original(backend, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                        extend_prefix_lens, extend_seq_lens, encoder_lens, scaling=scaling, enable_gqa=enable_gqa,
-                        causal=causal, is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
-    queries = query.movedim(0, 1)  # [heads, tokens, head_dim]
-    start = 0
-    for pool_index, keys_len, queries_len in zip(req_pool_indices.tolist(), seq_lens.tolist(),
-                                                 extend_seq_lens.tolist()):
-        slots = req_to_token[pool_index, :keys_len]
-        key, value = k_cache[slots].movedim(0, 1), v_cache[slots].movedim(0, 1)
-        q = queries[:, start:start + queries_len]
-        attended = torch.nn.functional.scaled_dot_product_attention(
-            q[None], key[None].to(q.dtype), value[None].to(q.dtype), scale=scaling, enable_gqa=enable_gqa)
-        output[start:start + queries_len] = attended[0].movedim(0, 1)
-        start += queries_len
-    return output

@@ -1,13 +1,11 @@
 """The scheduler hook that drops the KV of a request's ended last block, on stand-ins for SGLang's request and pools
-(the served path is tests/sglang/test_blockdiff.py::test_a_prompt_that_continues_an_output_reads_no_stale_kv), and the
-CPU attention hook against SGLang's own torch-native attention (served: the conformance matrix)."""
+(the served path is tests/sglang/test_blockdiff.py::test_a_prompt_that_continues_an_output_reads_no_stale_kv)."""
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 
-from sglang_blockdiff.hooks import attend_from_extend_queries_only, drop_stale_block_kv
+from sglang_blockdiff.hooks import drop_stale_block_kv
 
 
 def ended_request(stale_from: int, allocated: int) -> SimpleNamespace:
@@ -40,33 +38,3 @@ def test_a_failed_drop_caches_none_of_the_request_and_sglang_still_releases_it()
     req = ended_request(stale_from=40, allocated=64)
     drop_stale_block_kv(lambda _, r: released.append(r), scheduler_freeing_with(fail), req)
     assert released == [req] and req.skip_radix_cache_insert and req.blockdiff.stale_kv_from is None
-
-
-def attention_case(prefix: int, extend: int, heads: int = 4, kv_heads: int = 2, dim: int = 8):
-    """A pool holding one request's prefix and extend KV at scattered slots, and the extend's queries."""
-    torch.manual_seed(prefix + extend)
-    k_cache, v_cache = torch.randn(100, kv_heads, dim), torch.randn(100, kv_heads, dim)
-    req_to_token = torch.zeros(2, 100, dtype=torch.long)
-    req_to_token[1, : prefix + extend] = torch.randperm(100)[: prefix + extend]
-    return (torch.randn(extend, heads, dim), k_cache, v_cache, req_to_token, torch.tensor([1]),
-            torch.tensor([prefix + extend]), torch.tensor([prefix]), torch.tensor([extend]))
-
-
-@pytest.mark.parametrize("prefix", [0, 32, 45])
-def test_non_causal_extend_attends_from_its_own_queries_as_sglangs_padded_queries_do(prefix):
-    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
-
-    query, *pools = attention_case(prefix, 32)
-    sglang_own = TorchNativeAttnBackend._run_sdpa_forward_extend(None, query, torch.empty_like(query), *pools,
-                                                                  enable_gqa=True, causal=False)
-    ours = attend_from_extend_queries_only(None, None, query, torch.empty_like(query), *pools, enable_gqa=True,
-                                           causal=False)
-    torch.testing.assert_close(ours, sglang_own, rtol=1e-5, atol=1e-6)
-
-
-def test_causal_attention_is_sglangs_own():
-    calls = []
-    query, *pools = attention_case(32, 32)
-    out = attend_from_extend_queries_only(lambda *a, **k: calls.append(k["causal"]) or "sglang's", None, query,
-                                          torch.empty_like(query), *pools, enable_gqa=True, causal=True)
-    assert out == "sglang's" and calls == [True]
