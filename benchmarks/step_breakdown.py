@@ -4,7 +4,7 @@ item 2: profile first), and what the engines' own AR path costs against the refe
 Each stack serves the `cap` model `make demo` trains (block 32) and its AR base, and gets the first 72 held-out task
 instances at concurrency 1, 4 and 16, over and over for at least `SECONDS`, while py-spy samples every process of the
 server (API server, engine core, workers, detokenizer) at `RATE` Hz. The `cap` model gets them twice: at threshold
-0.95 (about 1.5 denoising forwards per request) and at threshold 1.0 (one token per forward: a forward for every
+0.95 (about 1.6 denoising forwards per request) and at threshold 1.0 (one token per forward: a forward for every
 position of a block), so that a stack's cost per request splits into a part per denoising forward and a part per
 request (HTTP, tokenizing, admission): with wall time per request W and denoising forwards per request n at the two
 thresholds, per forward S = (W1 - W0) / (n1 - n0) and per request F = W0 - n0 S. Each sample is put in the first
@@ -21,7 +21,7 @@ process, without the worker process and the shared-memory queue vLLM's default p
     make demo   # once: trains runs/demo/ar-base and runs/nemo/cap/hf
     $(python3 tools/envs.py --path core) -m benchmarks.step_breakdown [--stacks vllm,vllm-uni,sglang]
 
-Writes results/step_breakdown.json (about 8 minutes). Needs py-spy (the core env's `bench` extra).
+Writes results/step_breakdown.json (about 9 minutes). Needs py-spy (the core env's `bench` extra).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -145,7 +146,8 @@ class TimedModel:
         return self.model.new_cache(*args, **kwargs)
 
 
-def reference_breakdown(model: Path, requests: list, threshold: float | None, eos: int, right) -> dict[int, dict]:
+def reference_breakdown(model: Path, requests: list, threshold: float | None, eos: int,
+                        right: Callable[[list[list[int]]], float]) -> dict[int, dict]:
     """The reference decoder on `requests` in batches of each concurrency: block diffusion at `threshold`, or with
     None the core's `greedy_ar_decode` on an AR model; its model forward timed apart from the rest (the per-request
     rules: sampling/commit, or AR's argmax). `right(outputs)` is the held-out accuracy of a list of outputs."""
