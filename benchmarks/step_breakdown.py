@@ -35,10 +35,9 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.serving_throughput import CONCURRENCY, REQUESTS, RESULTS, STACKS, THRESHOLD
+from benchmarks.serving_throughput import CONCURRENCY, REQUESTS, RESULTS, STACKS, THRESHOLD, timed
 from blockdiff_demo.evaluate import MAX_ANSWER_TOKENS, block_aligned_budget
 from drivers.servers import free_port, group_pids, running_server
 from drivers.stack_servers import vllm_command
@@ -107,15 +106,17 @@ def profiled_load(url: str, send, requests: list, concurrency: int, out: Path
     time.sleep(1)  # py-spy attaches
     answered, forwards, first, start = 0, 0, None, time.perf_counter()
     while time.perf_counter() - start < SECONDS:
-        with ThreadPoolExecutor(concurrency) as pool:
-            sent = list(pool.map(send, requests))
+        sent, _ = timed(send, requests, concurrency)
         first = first or [ids for ids, _ in sent]
         answered += len(sent)
         forwards += sum(f or 0 for _, f in sent)
     wall = time.perf_counter() - start
+    for spy in spies.values():  # all at once: each writes what it sampled and exits
+        spy.send_signal(signal.SIGINT)
+    # the samples also cover py-spy's attaching before the requests: scale to the requests' share
+    sampled = time.perf_counter() - spied
     seconds = Counter()
     for pid, spy in spies.items():
-        spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
         spy.wait(timeout=60)
         trace = out.with_suffix(f".{pid}.txt")
         if not trace.exists():  # a process with no Python frames to sample (multiprocessing's resource tracker)
@@ -125,8 +126,6 @@ def profiled_load(url: str, send, requests: list, concurrency: int, out: Path
             frames, _, count = line.rpartition(" ")
             seconds[categorize(frames, frontend)] += int(count) / RATE
         trace.unlink()
-    # the samples also cover py-spy's attaching before the requests: scale to the requests' share
-    sampled = time.perf_counter() - spied
     return Counter({k: v * wall / sampled for k, v in seconds.items()}), answered, forwards, wall, first
 
 
