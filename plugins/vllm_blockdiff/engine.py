@@ -7,6 +7,8 @@ from typing import Any
 SCHEDULER_CLS = "vllm_blockdiff.scheduler.BlockDiffusionScheduler"
 WORKER_CLS = "vllm_blockdiff.worker.BlockDiffusionWorker"
 REQUEST_GUARD = "blockdiff.http_guard.RequestGuard"  # body size limit, JSON bodies that are objects
+# "0" in the server's environment: one denoising forward per engine step (see model_runner)
+DENOISE_LOOP_ENV = "VLLM_BLOCKDIFF_DENOISE_LOOP"
 
 
 def engine_kwargs(**overrides: Any) -> dict[str, Any]:

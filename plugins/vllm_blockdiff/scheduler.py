@@ -2,7 +2,7 @@
 
 A request's tokens are its prompt plus its committed output; the block being denoised (the "canvas": the prompt's
 tail, committed and still-masked positions, up to the next block boundary) rides on vLLM's speculative-token fields,
-so the stock scheduler gives it KV slots and schedules it with the request. Three changes make that block diffusion:
+so the stock scheduler gives it KV slots and schedules it with the request. These changes make that block diffusion:
 
 - every scheduled span ends at a block boundary or at the end of what is known (`_mamba_block_aligned_split`, the
   scheduler's own alignment hook): a prefill chunk never ends mid-block, and a canvas is scheduled whole or not at all;
@@ -13,6 +13,8 @@ so the stock scheduler gives it KV slots and schedules it with the request. Thre
 - after each step a request's computed tokens fall back to the last block boundary among its committed tokens
   (`update_from_output`): the canvas' KV is scratch, rewritten by the next step, and a finished block's KV becomes
   final in the step after it is committed (that forward is fused with the next block's first denoising step);
+- a step may run several denoising forwards (`model_runner`: a step of whole blocks denoises on until one fills); the
+  runner reports the extra ones, and they are counted as the step's;
 - the output carries the reference accounting (`denoise_forwards`, `nfe`, `tpf`) and the request's preemption
   count when it finishes;
 - a request whose block failed in the runner (its sampled row is `[FAILED]`) ends with vLLM's error finish, alone.
@@ -30,7 +32,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from blockdiff.models.hf_config import block_diffusion_settings
 from blockdiff.serving import ACCOUNTING_KEY, accounting
-from vllm_blockdiff.model_runner import FAILED
+from vllm_blockdiff.model_runner import EXTRA_FORWARDS, FAILED
 
 
 class BlockDiffusionScheduler(Scheduler):
@@ -101,10 +103,11 @@ class BlockDiffusionScheduler(Scheduler):
             model_runner_output.sampled_token_ids[model_runner_output.req_id_to_index[rid]] = []
         committed_before = {rid: self.requests[rid].num_tokens
                             for rid in scheduler_output.num_scheduled_tokens if rid in self.requests}
+        extra = getattr(model_runner_output, EXTRA_FORWARDS, {})  # denoising forwards run on inside the step
         for rid in committed_before:
             counts = self.accounting.setdefault(rid, [0, 0, 0, 0])
-            counts[1] += 1
-            counts[0] += rid in scheduler_output.scheduled_spec_decode_tokens
+            counts[1] += 1 + extra.get(rid, 0)
+            counts[0] += (rid in scheduler_output.scheduled_spec_decode_tokens) + extra.get(rid, 0)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         b = self.diffusion_block
         for rid, committed in committed_before.items():

@@ -16,6 +16,7 @@ from blockdiff.masks import block_causal_mask
 from blockdiff.models import read_config
 from conformance.cases import SUITE_BLOCK, covers_the_hard_cases, reference_results, request_sets
 from tiny_models import make_served_model, make_tiny_blockdiff_model
+from vllm_blockdiff.engine import DENOISE_LOOP_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +27,7 @@ def served(request, tmp_path_factory):
     singles, concurrent = request_sets(read_config(path)["vocab_size"], seed=len(request.param))
     job = {"model": str(path), "batches": [*[[r] for r in singles], concurrent], "records": str(path / "records.pt")}
     got = run_job(path, job, {"VLLM_BLOCKDIFF_RECORD": "1"})
-    return {"model": model, "eos": eos, "batches": job["batches"], "got": got,
+    return {"path": path, "model": model, "eos": eos, "batches": job["batches"], "got": got,
             "records": torch.load(path / "records.pt")}
 
 
@@ -84,6 +85,17 @@ def test_every_denoising_steps_logits_match_the_core_model(served):
         assert want.shape[-1] % 64 and rec["logits"].shape == want.shape
         worst = max(worst, float((rec["logits"] - want).abs().max()))
     assert worst < 1e-4, worst
+
+
+def test_a_step_of_whole_blocks_denoises_on_and_switched_off_gives_the_same_outputs(served, tmp_path):
+    """The fixture's run had steps that denoised on after their first forward (the runner's loop); the same requests
+    with the loop off (`VLLM_BLOCKDIFF_DENOISE_LOOP=0`: one denoising forward per engine step) give the same tokens,
+    finish reasons and accounting, with every recorded step its step's only forward."""
+    assert max(r["forward_in_step"] for r in served["records"]) > 0
+    job = {"model": str(served["path"]), "batches": served["batches"], "records": str(tmp_path / "records.pt")}
+    got = run_job(tmp_path, job, {"VLLM_BLOCKDIFF_RECORD": "1", DENOISE_LOOP_ENV: "0"})
+    assert got == served["got"]
+    assert {r["forward_in_step"] for r in torch.load(tmp_path / "records.pt")} == {0}
 
 
 def test_preempted_requests_still_match_the_reference(tmp_path):
