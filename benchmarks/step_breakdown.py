@@ -16,12 +16,16 @@ exceed wall ms). The reference decoder (block diffusion, and the core's `greedy_
 requests in batches of 1, 4 and 16 in this process, its model forward timed apart from the rest. The same requests
 take the same forwards on every stack (conformance), so a stack's wall against the reference's is the ratio of their
 costs. `vllm-uni` is the vLLM server with `--distributed-executor-backend uni`: the model runs in the engine-core
-process, without the worker process and the shared-memory queue vLLM's default puts between them.
+process, without the worker process and the shared-memory queue vLLM's default puts between them. `vllm-step` is the
+vLLM server with the plugin's in-step denoising loop off (`VLLM_BLOCKDIFF_DENOISE_LOOP=0`: one denoising forward per
+engine step), on the `cap` model only (its AR path is `vllm`'s). Not run unless named: `sglang-sync`, SGLang with its
+synchronous block scheduling (`--no-dllm-fdfo`; `cap` only), and `sglang-core0`, SGLang with its threads bound to
+core 0 (`SGLANG_CPU_OMP_THREADS_BIND=0`).
 
     make demo   # once: trains runs/demo/ar-base and runs/nemo/cap/hf
-    $(python3 tools/envs.py --path core) -m benchmarks.step_breakdown [--stacks vllm,vllm-uni,sglang]
+    $(python3 tools/envs.py --path core) -m benchmarks.step_breakdown [--stacks vllm,vllm-step,vllm-uni,sglang]
 
-Writes results/step_breakdown.json (about 9 minutes). Needs py-spy (the core env's `bench` extra).
+Writes results/step_breakdown.json (about 11 minutes with the default stacks). Needs py-spy (the core env's `bench` extra).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from pathlib import Path
 from benchmarks.serving_throughput import CONCURRENCY, REQUESTS, RESULTS, STACKS, THRESHOLD, timed
 from blockdiff_demo.evaluate import MAX_ANSWER_TOKENS, block_aligned_budget
 from drivers.servers import free_port, group_pids, running_server
-from drivers.stack_servers import vllm_command
+from drivers.stack_servers import sglang_command, vllm_command
+from vllm_blockdiff.engine import DENOISE_LOOP_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS, RATE = 6.0, 100
@@ -68,7 +73,15 @@ def vllm_uni_command(model: Path, port: int, block_diffusion: bool) -> list[str]
     return [*vllm_command(model, port, block_diffusion), "--distributed-executor-backend", "uni"]
 
 
-SERVERS = {**STACKS, "vllm-uni": (vllm_uni_command, *STACKS["vllm"][1:])}
+def sglang_sync_command(model: Path, port: int, block_diffusion: bool) -> list[str]:
+    return [*sglang_command(model, port, block_diffusion), "--no-dllm-fdfo"]
+
+
+SERVERS = {**STACKS, "vllm-uni": (vllm_uni_command, *STACKS["vllm"][1:]),
+           "vllm-step": (*STACKS["vllm"][:2], {**STACKS["vllm"][2], DENOISE_LOOP_ENV: "0"}),
+           "sglang-sync": (sglang_sync_command, *STACKS["sglang"][1:]),
+           "sglang-core0": (*STACKS["sglang"][:2], {**STACKS["sglang"][2], "SGLANG_CPU_OMP_THREADS_BIND": "0"})}
+BLOCK_DIFFUSION_ONLY = {"vllm-step", "sglang-sync"}  # stacks that differ from another only in block diffusion
 
 
 def categorize(frames: str, frontend: bool) -> str:
@@ -185,7 +198,7 @@ def reference_breakdown(model: Path, requests: list, threshold: float | None, eo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where `make demo` wrote (default: runs/)")
-    parser.add_argument("--stacks", default="vllm,vllm-uni,sglang", help=f"any of {', '.join(SERVERS)}")
+    parser.add_argument("--stacks", default="vllm,vllm-step,vllm-uni,sglang", help=f"any of {', '.join(SERVERS)}")
     args = parser.parse_args()
     from blockdiff.text import EOS, load_tokenizer, special_id
     from blockdiff_demo.corpus import held_out_tasks
@@ -214,6 +227,8 @@ def main() -> None:
     for stack in args.stacks.split(","):
         command, send, env = SERVERS[stack]
         for name, path in models.items():
+            if name == "ar" and stack in BLOCK_DIFFUSION_ONLY:
+                continue
             port = free_port()
             log = RESULTS / "serving_logs" / f"{stack}-{name}-breakdown.log"
             log.parent.mkdir(parents=True, exist_ok=True)
