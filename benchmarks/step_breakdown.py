@@ -25,7 +25,8 @@ core 0 (`SGLANG_CPU_OMP_THREADS_BIND=0`).
     make demo   # once: trains runs/demo/ar-base and runs/nemo/cap/hf
     $(python3 tools/envs.py --path core) -m benchmarks.step_breakdown [--stacks vllm,vllm-step,vllm-uni,sglang]
 
-Writes results/step_breakdown.json (about 11 minutes with the default stacks). Needs py-spy (the core env's `bench` extra).
+Writes results/step_breakdown.json (11 minutes with `--stacks vllm,vllm-step,sglang,sglang-sync`). Needs py-spy (the
+core env's `bench` extra).
 """
 
 from __future__ import annotations
