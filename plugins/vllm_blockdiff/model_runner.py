@@ -114,9 +114,9 @@ class BlockDiffusionRunnerMixin:
             hidden_states = super()._model_forward(input_ids, positions, intermediate_tensors, inputs_embeds,
                                                    **kwargs)
             self.forward_in_step += 1
-            for req_id in denoising:
-                self.extra_forwards[req_id] = self.extra_forwards.get(req_id, 0) + 1
             self.committed_this_step = self._denoise_rows(denoising, rows, hidden_states)
+        if self.forward_in_step:  # every request of the step ran every forward of the loop
+            self.extra_forwards = dict.fromkeys(denoising, self.forward_in_step)
         return hidden_states
 
     def _fail(self, req_id: str, error: Exception) -> None:
