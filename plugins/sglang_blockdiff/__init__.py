@@ -52,7 +52,7 @@ def register() -> None:
                           "is_request_level_customized_info_key",
                           lambda self, key: key == ACCOUNTING_KEY, HookType.REPLACE)
     HookRegistry.register(f"{SchedulerOutputStreamer.__module__}._GenerationStreamAccumulator.accept",
-                          hooks.stream_committed_blocks_only, HookType.AROUND)
+                          hooks.send_committed_blocks_only, HookType.AROUND)
     if multiprocessing.parent_process() is None:  # the OpenAI endpoints' responses carry the accounting
         for endpoint in ("serving_completions", "serving_chat"):
             HookRegistry.register(f"sglang.srt.entrypoints.openai.{endpoint}.build_endpoint_weight_version_metadata",

@@ -88,15 +88,18 @@ def accounting_in_metadata(metadata: dict | None, meta_info: dict) -> dict | Non
     return {**(metadata or {}), ACCOUNTING_KEY: accounting[0]}
 
 
-def stream_committed_blocks_only(original, accumulator, *, req):
-    """`_GenerationStreamAccumulator.accept`: a streaming block-diffusion request is sent a chunk only when a block
-    was committed or it finished. At SGLang's default stream interval of 1 it is sent one per forward, so every
-    denoising step that commits nothing new to the output would reach the client as an empty chunk."""
+def send_committed_blocks_only(original, accumulator, *, req):
+    """`_GenerationStreamAccumulator.accept`: a block-diffusion request's output goes to the detokenizer only when a
+    block was committed or it finished. SGLang sends a streaming request's output every forward at its default stream
+    interval of 1, so every denoising step that commits nothing would reach the client as an empty chunk; and it sends
+    a non-streaming request's output whenever its length is a multiple of `SGLANG_FORCE_STREAM_INTERVAL`, which an
+    empty output is, so every forward of a request's first block would cost the detokenizer and tokenizer processes
+    a message carrying nothing."""
     try:
-        unchanged = (getattr(req, "blockdiff", None) is not None and req.stream and not req.finished()
+        unchanged = (getattr(req, "blockdiff", None) is not None and not req.finished()
                      and len(req.output_ids) == req.send_token_offset)
-    except Exception:  # noqa: BLE001 - never take the scheduler down: stream as SGLang would
-        logger.exception("deciding whether to stream request %s failed", req.rid)
+    except Exception:  # noqa: BLE001 - never take the scheduler down: send as SGLang would
+        logger.exception("deciding whether to send the output of request %s failed", req.rid)
         unchanged = False
     if not unchanged:
         original(accumulator, req=req)

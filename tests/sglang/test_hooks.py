@@ -1,11 +1,12 @@
-"""The scheduler hook that drops the KV of a request's ended last block, on stand-ins for SGLang's request and pools
-(the served path is tests/sglang/test_blockdiff.py::test_a_prompt_that_continues_an_output_reads_no_stale_kv)."""
+"""Scheduler hooks on stand-ins for SGLang's request and pools: the one that drops the KV of a request's ended last
+block (the served path is tests/sglang/test_blockdiff.py::test_a_prompt_that_continues_an_output_reads_no_stale_kv)
+and the one that sends a request's output only when a block was committed (served: tests/sglang/test_openai.py)."""
 
 from types import SimpleNamespace
 
 import torch
 
-from sglang_blockdiff.hooks import drop_stale_block_kv
+from sglang_blockdiff.hooks import drop_stale_block_kv, send_committed_blocks_only
 
 
 def ended_request(stale_from: int, allocated: int) -> SimpleNamespace:
@@ -38,3 +39,27 @@ def test_a_failed_drop_caches_none_of_the_request_and_sglang_still_releases_it()
     req = ended_request(stale_from=40, allocated=64)
     drop_stale_block_kv(lambda _, r: released.append(r), scheduler_freeing_with(fail), req)
     assert released == [req] and req.skip_radix_cache_insert and req.blockdiff.stale_kv_from is None
+
+
+def sent_outputs(req: SimpleNamespace) -> list:
+    sent = []
+    send_committed_blocks_only(lambda accumulator, *, req: sent.append(req.rid), None, req=req)
+    return sent
+
+
+def output_state(*, stream: bool, output: int, sent: int, finished: bool = False, diffusion: bool = True):
+    return SimpleNamespace(rid="r", stream=stream, output_ids=[7] * output, send_token_offset=sent,
+                           finished=lambda: finished, **({"blockdiff": SimpleNamespace()} if diffusion else {}))
+
+
+def test_a_forward_that_commits_nothing_sends_nothing_streaming_or_not():
+    for stream in (True, False):
+        assert sent_outputs(output_state(stream=stream, output=0, sent=0)) == []  # the first block's steps
+        assert sent_outputs(output_state(stream=stream, output=32, sent=32)) == []
+        assert sent_outputs(output_state(stream=stream, output=64, sent=32)) == ["r"]  # a committed block: SGLang's
+        assert sent_outputs(output_state(stream=stream, output=32, sent=32, finished=True)) == ["r"]
+        assert sent_outputs(output_state(stream=stream, output=0, sent=0, diffusion=False)) == ["r"]  # not ours
+
+
+def test_a_request_the_hook_cannot_read_is_sent_as_sglang_would():
+    assert sent_outputs(SimpleNamespace(rid="r", blockdiff=SimpleNamespace())) == ["r"]
