@@ -2,32 +2,33 @@
 item 2: profile first), and what the engines' own AR path costs against the reference's on the same machine.
 
 Each stack serves the `cap` model `make demo` trains (block 32) and its AR base, and gets the first 72 held-out task
-instances at concurrency 1, 4 and 16, over and over for at least `SECONDS`, and then as long again while py-spy
-samples every process of the server (API server, engine core, workers, detokenizer) at `RATE` Hz. Wall times come from
-the first run: on these 2 cores the samplers take CPU from the server, more from a server of more processes, so the
-second run gives only the breakdown of CPU time, and its wall (column `spied`) is reported beside the first's. The `cap` model gets them twice: at threshold
-0.95 (about 1.6 denoising forwards per request) and at threshold 1.0 (one token per forward: a forward for every
-position of a block), so that a stack's cost per request splits into a part per denoising forward and a part per
-request (HTTP, tokenizing, admission): with wall time per request W and denoising forwards per request n at the two
-thresholds, per forward S = (W1 - W0) / (n1 - n0) and per request F = W0 - n0 S. Each sample is put in the first
-category whose frames it holds: attention metadata, model forward, sampling/commit (the plugin's denoising step:
-logits, propose, commit; for AR the engine's sampler), input preparation, scheduler, HTTP/tokenize/detokenize (any
-sample of the API server or detokenizer process), IPC and waiting (message queues, spin waits), other. Reported per
-request: wall ms, and CPU ms per category (samples / rate / requests; the processes share 2 cores, so CPU ms can
-exceed wall ms). The reference decoder (block diffusion, and the core's `greedy_ar_decode` for AR) runs the same
-requests in batches of 1, 4 and 16 in this process, its model forward timed apart from the rest. The same requests
-take the same forwards on every stack (conformance), so a stack's wall against the reference's is the ratio of their
-costs. `vllm-uni` is the vLLM server with `--distributed-executor-backend uni`: the model runs in the engine-core
-process, without the worker process and the shared-memory queue vLLM's default puts between them. `vllm-step` is the
-vLLM server with the plugin's in-step denoising loop off (`VLLM_BLOCKDIFF_DENOISE_LOOP=0`: one denoising forward per
-engine step), on the `cap` model only (its AR path is `vllm`'s). Not run unless named: `sglang-sync`, SGLang with its
-synchronous block scheduling (`--no-dllm-fdfo`; `cap` only), and `sglang-core0`, SGLang with its threads bound to
-core 0 (`SGLANG_CPU_OMP_THREADS_BIND=0`).
+instances at concurrency 1, 4 and 16, over and over for at least `SECONDS`, `REPEATS` times, and then as long again
+while py-spy samples every process of the server (API server, engine core, workers, detokenizer) at `RATE` Hz. Wall
+times are the median of the repeats (min and max beside): on these 2 cores the samplers take CPU from the server, more
+from a server of more processes, so the run under py-spy gives only the breakdown of CPU time, and its wall (column
+`spied`) is reported beside. The `cap` model gets them twice: at threshold 0.95 (about 1.6 denoising forwards per
+request) and at threshold 1.0 (one token per forward: a forward for every position of a block), so that a stack's cost
+per request splits into a part per denoising forward and a part per request (HTTP, tokenizing, admission): with wall
+time per request W and denoising forwards per request n at the two thresholds, per forward S = (W1 - W0) / (n1 - n0)
+and per request F = W0 - n0 S. Each sample is put in the first category whose frames it holds: attention metadata,
+model forward, sampling/commit (the plugin's denoising step: logits, propose, commit; for AR the engine's sampler),
+input preparation, scheduler, HTTP/tokenize/detokenize (any sample of the API server or detokenizer process), IPC and
+waiting (message queues, spin waits), other. Reported per request: wall ms, and CPU ms per category (samples / rate /
+requests; the processes share 2 cores, so CPU ms can exceed wall ms). The reference decoder (block diffusion, and the
+core's `greedy_ar_decode` for AR) runs the same requests in batches of 1, 4 and 16 in this process, `REPEATS` times,
+its model forward timed apart from the rest. The same requests take the same forwards on every stack (conformance), so
+a stack's wall against the reference's is the ratio of their costs. `vllm-uni` is the vLLM server with
+`--distributed-executor-backend uni`: the model runs in the engine-core process, without the worker process and the
+shared-memory queue vLLM's default puts between them. `vllm-step` is the vLLM server with the plugin's in-step
+denoising loop off (`VLLM_BLOCKDIFF_DENOISE_LOOP=0`: one denoising forward per engine step), on the `cap` model only
+(its AR path is `vllm`'s). Not run unless named: `sglang-sync`, SGLang with its synchronous block scheduling
+(`--no-dllm-fdfo`; `cap` only), and `sglang-core0`, SGLang with its threads bound to core 0
+(`SGLANG_CPU_OMP_THREADS_BIND=0`).
 
     make demo   # once: trains runs/demo/ar-base and runs/nemo/cap/hf
     $(python3 tools/envs.py --path core) -m benchmarks.step_breakdown [--stacks vllm,vllm-step,vllm-uni,sglang]
 
-Writes results/step_breakdown.json (11 minutes with `--stacks vllm,vllm-step,sglang,sglang-sync`). Needs py-spy (the
+Writes results/step_breakdown.json (19 minutes with `--stacks vllm,vllm-step,sglang`). Needs py-spy (the
 core env's `bench` extra).
 """
 
@@ -44,7 +45,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.serving_throughput import CONCURRENCY, REQUESTS, RESULTS, STACKS, THRESHOLD, timed
+from benchmarks.serving_throughput import CONCURRENCY, REPEATS, REQUESTS, RESULTS, STACKS, THRESHOLD, timed
 from blockdiff_demo.evaluate import MAX_ANSWER_TOKENS, block_aligned_budget
 from drivers.servers import free_port, group_pids, running_server
 from drivers.stack_servers import sglang_command, vllm_command
@@ -188,18 +189,24 @@ def reference_breakdown(model: Path, requests: list, threshold: float | None, eo
         def batch(i: int, j: int) -> list:
             return greedy_ar_decode(timed, prompts[i:j], MAX_ANSWER_TOKENS, (eos,))
     accuracy = right([r.tokens for i in range(0, len(requests), 16) for r in batch(i, i + 16)])  # and warm-up
-    rows = {}
-    for c in CONCURRENCY:
+
+    def measured(c: int) -> dict:
         timed.seconds, answered, forwards, start = 0.0, 0, 0, time.perf_counter()
         while time.perf_counter() - start < SECONDS:
             results = [r for i in range(0, len(requests), c) for r in batch(i, i + c)]
             answered += len(results)
             forwards += sum(r.denoise_forwards for r in results) if threshold is not None else 0
         wall = time.perf_counter() - start
-        rows[c] = {"wall_ms": 1e3 * wall / answered, "denoise_forwards": forwards / answered, "accuracy": accuracy,
-                   "cpu_ms": {"model forward": 1e3 * timed.seconds / answered,
-                              "sampling/commit": 1e3 * (wall - timed.seconds) / answered}}
-    return rows
+        return {"wall_ms": 1e3 * wall / answered, "denoise_forwards": forwards / answered, "accuracy": accuracy,
+                "cpu_ms": {"model forward": 1e3 * timed.seconds / answered,
+                           "sampling/commit": 1e3 * (wall - timed.seconds) / answered}}
+    return {c: median_of_repeats(lambda c=c: measured(c)) for c in CONCURRENCY}
+
+
+def median_of_repeats(measure: Callable[[], dict]) -> dict:
+    """The row of REPEATS runs of `measure` whose `wall_ms` is the median, with the runs' min and max beside it."""
+    runs = sorted((measure() for _ in range(REPEATS)), key=lambda row: row["wall_ms"])
+    return {**runs[len(runs) // 2], "wall_ms_min": runs[0]["wall_ms"], "wall_ms_max": runs[-1]["wall_ms"]}
 
 
 def main() -> None:
@@ -245,13 +252,17 @@ def main() -> None:
                     def one(request, url=url, send=send, t=t):  # AR (t None) sends no threshold
                         return send(url, request, t is not None, t or THRESHOLD)
 
+                    def measured(c: int, one=one, requests=budgets[name]) -> dict:
+                        answered, forwards, wall, outputs = passes(one, requests, c)
+                        return {"wall_ms": 1e3 * wall / answered, "denoise_forwards": forwards / answered,
+                                "accuracy": right(outputs)}
+
                     for c in CONCURRENCY:
-                        answered, forwards, wall, outputs = passes(one, budgets[name], c)
+                        row = median_of_repeats(lambda c=c: measured(c))
                         seconds, profiled_wall = profiled_passes(url, one, budgets[name], c,
                                                                  RESULTS / f"step_breakdown_{stack}_{name}")
-                        rows.append({"stack": stack, "model": name, "threshold": t, "concurrency": c,
-                                     "wall_ms": 1e3 * wall / answered, "denoise_forwards": forwards / answered,
-                                     "accuracy": right(outputs), "profiled_wall_ms": 1e3 * profiled_wall,
+                        rows.append({"stack": stack, "model": name, "threshold": t, "concurrency": c, **row,
+                                     "profiled_wall_ms": 1e3 * profiled_wall,
                                      "cpu_ms": {k: 1e3 * v for k, v in seconds.items()}})
     report(rows)
 
@@ -280,15 +291,16 @@ def report(rows: list[dict]) -> None:
     header = "".join(f"{name[:12]:>13}" for name in COLUMNS)
     print("\nper request, ms (CPU ms per category, under py-spy; wall ms, without it; wall against the reference on the"
           " same workload; wall under py-spy)")
-    print(f"{'stack':>10}{'model':>6}{'thr':>5}{'right':>7}{'conc':>5}{'fwd':>6}{header}{'wall':>8}{'vs ref':>8}"
-          f"{'spied':>8}")
+    print(f"{'stack':>10}{'model':>6}{'thr':>5}{'right':>7}{'conc':>5}{'fwd':>6}{header}{'wall':>8}{'min-max':>14}"
+          f"{'vs ref':>8}{'spied':>8}")
     for r in rows:
         r["vs_reference"] = r["wall_ms"] / reference[r["model"], r["threshold"], r["concurrency"]]
         cells = "".join(f"{r['cpu_ms'][name]:>13.2f}" if name in r["cpu_ms"] else f"{'-':>13}" for name in COLUMNS)
         threshold = "-" if r["threshold"] is None else f"{r['threshold']:g}"
         print(f"{r['stack']:>10}{r['model']:>6}{threshold:>5}{r['accuracy']:>7.1%}{r['concurrency']:>5}"
               f"{r['denoise_forwards']:>6.1f}"
-              f"{cells}{r['wall_ms']:>8.2f}{r['vs_reference']:>7.2f}x{r.get('profiled_wall_ms', r['wall_ms']):>8.2f}")
+              f"{cells}{r['wall_ms']:>8.2f}{r['wall_ms_min']:>7.2f}-{r['wall_ms_max']:<6.2f}{r['vs_reference']:>7.2f}x"
+              f"{r.get('profiled_wall_ms', r['wall_ms']):>8.2f}")
     split = per_forward_split(rows)
     print("\ncap, cost per denoising forward S and per request F, ms (from the two thresholds)")
     print(f"{'stack':>10}{'conc':>5}{'S':>8}{'S vs ref':>10}{'F':>8}")
@@ -297,7 +309,7 @@ def report(rows: list[dict]) -> None:
               f"{s['per_request_ms']:>8.2f}")
     setup = {"models": {"cap": "runs/nemo/cap/hf", "ar": "runs/demo/ar-base"},
              "requests": f"the first {REQUESTS} held-out task instances", "workloads": WORKLOADS, "block_size": 32,
-             "max_tokens": MAX_ANSWER_TOKENS, "seconds_per_level": SECONDS, "py_spy_rate_hz": RATE,
+             "max_tokens": MAX_ANSWER_TOKENS, "seconds_per_level": SECONDS, "repeats": REPEATS, "py_spy_rate_hz": RATE,
              "machine": "2-core CPU, fp32"}
     (RESULTS / "step_breakdown.json").write_text(json.dumps({**setup, "rows": rows, "per_forward": split}, indent=1)
                                                  + "\n")
