@@ -56,7 +56,7 @@ def test_a_forward_that_commits_nothing_sends_nothing_streaming_or_not():
     for stream in (True, False):
         assert sent_outputs(output_state(stream=stream, output=0, sent=0)) == []  # the first block's steps
         assert sent_outputs(output_state(stream=stream, output=32, sent=32)) == []
-        assert sent_outputs(output_state(stream=stream, output=64, sent=32)) == ["r"]  # a committed block: SGLang's
+        assert sent_outputs(output_state(stream=stream, output=64, sent=32)) == ["r"]  # SGLang decides
         assert sent_outputs(output_state(stream=stream, output=32, sent=32, finished=True)) == ["r"]
         assert sent_outputs(output_state(stream=stream, output=0, sent=0, diffusion=False)) == ["r"]  # not ours
 
