@@ -124,7 +124,7 @@ def passes(send, requests: list, concurrency: int) -> tuple[int, int, float, lis
 
 def profiled_passes(url: str, send, requests: list, concurrency: int, out: Path) -> tuple[Counter, float]:
     """`passes` while py-spy samples every server process. Returns CPU seconds per category per request and wall
-    seconds per request, both under the profiler (it takes CPU from the server on these 2 cores, see `main`)."""
+    seconds per request, both under the profiler (it takes CPU from the server on these 2 cores: module docstring)."""
     pids = group_pids(url)
     spies = {pid: subprocess.Popen([py_spy(), "record", "-p", str(pid), "-o", str(out.with_suffix(f".{pid}.txt")),
                                     "-f", "raw", "-r", str(RATE), "-d", "3600", "--nonblocking"],
