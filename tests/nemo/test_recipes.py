@@ -3,6 +3,7 @@ kept and merged by validation loss, configuration and data errors before trainin
 
 import dataclasses
 import json
+import os
 import random
 import shutil
 import signal
@@ -57,10 +58,34 @@ WSD_SCRIPT = textwrap.dedent("""
 
 def _wsd(ar_base, out, corpus, background=False):
     cmd = [sys.executable, "-c", WSD_SCRIPT, str(ar_base), str(out), str(corpus)]
-    if background:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if background:  # its own process group, which the caller kills whole, as a scheduler ending a job does
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _live_members(group: int) -> list[int]:
+    """Pids of the processes of `group` that are not zombies (a zombie is dead; only its parent can reap it)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited while we looked
+        if int(fields[2]) == group and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the run's whole process group and check nothing of it is left: Megatron's async checkpoint save forks
+    a writer, and a kill of the trainer alone mid-save leaves that writer hung forever on a lock the trainer held."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while (left := _live_members(proc.pid)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not left, f"processes {left} of the killed run's group are still alive"
 
 
 def _metrics(out):
@@ -85,8 +110,7 @@ def test_wsd_block_sizes_and_losses_survive_sigkills_at_random_points(ar_base, t
             assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
             time.sleep(0.02)
         time.sleep(rng.uniform(0, 0.5))  # somewhere inside the next step, or its checkpoint
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        _kill_group(proc)
         kills.append(len(_metrics(killed)))
     assert min(kills) < 21, kills  # really interrupted
     # a checkpoint killed mid-write, newer than any: NeMo marks it unfinished until every rank has written
