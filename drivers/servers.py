@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from drivers.processes import group_stats
+
 _PROCESS_GROUPS: dict[str, int] = {}  # base URL -> the server's process group, for group_rss
 
 def free_port() -> int:
@@ -59,27 +61,15 @@ def running_server(cmd: list[str], port: int, log_path: Path, env: dict[str, str
         log.close()
 
 
-def _group_stats(url: str) -> dict[int, list[str]]:
-    """/proc/PID/stat fields after the command name, for every process of the server at `url`."""
-    group, stats = _PROCESS_GROUPS[url], {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended while we looked
-            continue
-        if int(fields[2]) == group:  # field 5 of stat, the process group id
-            stats[int(stat.parent.name)] = fields
-    return stats
-
-
 def group_pids(url: str) -> list[int]:
     """The processes of the server at `url` (API server, engine, workers)."""
-    return sorted(_group_stats(url))
+    return sorted(group_stats(_PROCESS_GROUPS[url]))
 
 
 def group_rss(url: str) -> int:
     """Resident bytes of every process of the server at `url` (API server, engine, workers), read from /proc."""
-    return sum(int(fields[21]) * os.sysconf("SC_PAGE_SIZE") for fields in _group_stats(url).values())  # field 24
+    stats = group_stats(_PROCESS_GROUPS[url]).values()
+    return sum(int(fields[21]) * os.sysconf("SC_PAGE_SIZE") for fields in stats)  # field 24 of stat
 
 
 def metric(url: str, name: str) -> float:

@@ -20,6 +20,7 @@ import torch
 from blockdiff.models import build_model, init_weights, save_model, tiny_dense_config
 from blockdiff.text import save_tokenizer, train_tokenizer
 from blockdiff_demo.corpus import stdlib_documents
+from drivers.processes import group_stats
 from nemo_dllm.data import DataError, read_jsonl, sft_examples
 from nemo_dllm.stages import DPOConfig, MergeConfig, SFTConfig, WSDConfig, merge, sft, wsd_cpt
 from nemo_dllm.training import TrainerConfig, read_metrics
@@ -64,26 +65,14 @@ def _wsd(ar_base, out, corpus, background=False):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _live_members(group: int) -> list[int]:
-    """Pids of the processes of `group` that are not zombies (a zombie is dead; only its parent can reap it)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # exited while we looked
-        if int(fields[2]) == group and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the run's whole process group and check nothing of it is left: Megatron's async checkpoint save forks
     a writer, and a kill of the trainer alone mid-save leaves that writer hung forever on a lock the trainer held."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 30
-    while (left := _live_members(proc.pid)) and time.time() < deadline:
+    while (left := [pid for pid, stat in group_stats(proc.pid).items() if stat[0] != "Z"]) \
+            and time.time() < deadline:
         time.sleep(0.1)
     assert not left, f"processes {left} of the killed run's group are still alive"
 
