@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conformance.run import STEP_TIMEOUT, module_command
+from conformance.run import STEP_TIMEOUT, module_command, no_process_left
 from tools import envs
 
 # mutation -> the stack it breaks (a name of conformance.run.STACKS) and its runner
@@ -40,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
                                  "cases": [c for c in spec["cases"] if c["model"] == MODEL]}))
     caught = True
     for mutation, (stack, venv, (module, *first)) in MUTATIONS.items():
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent / "mutations"),
-               "BLOCKDIFF_MUTATION": mutation}
         records = work / f"mutated-{stack}.json"
-        subprocess.run(module_command(venv, module, *first, cases, records), cwd=envs.ROOT, env=env, check=True,
-                       capture_output=True, timeout=STEP_TIMEOUT)
+        with no_process_left(f"mutation {mutation}") as env:
+            env.update(PYTHONPATH=str(Path(__file__).resolve().parent / "mutations"), BLOCKDIFF_MUTATION=mutation)
+            subprocess.run(module_command(venv, module, *first, cases, records), cwd=envs.ROOT, env=env, check=True,
+                           capture_output=True, timeout=STEP_TIMEOUT)
         compared = subprocess.run(module_command("core", "conformance.compare", cases, needed[1],
                                                  f"{stack}={records}"),
                                   cwd=envs.ROOT, capture_output=True, text=True, timeout=STEP_TIMEOUT)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tools import envs
+from tools import envs, leftover_processes
 
 # stack name -> (venv, runner module and its first arguments)
 STACKS = {
@@ -36,12 +36,29 @@ def module_command(venv: str, module: str, *args) -> list[str]:
     return [str(envs.ensure(venv)), "-m", module, *map(str, args)]
 
 
+@contextmanager
+def no_process_left(what: str) -> Iterator[dict[str, str]]:
+    """The environment to run step `what` in; processes the step leaves running are named and killed after it, and
+    fail the run (tools/leftover_processes: a server left behind would hold the cores the next step needs)."""
+    mark, env = leftover_processes.marked_environment("conformance")
+    try:
+        yield env
+    finally:
+        left = leftover_processes.kill_left_running(mark)
+        for pid, command in left.items():
+            print(f"conformance: {what} left process {pid} running (killed): {command[:300]}", flush=True)
+    if left:
+        sys.exit(f"conformance: {what} left {len(left)} process(es) running")
+
+
 def step(what: str, cmd: list[str]) -> None:
     start = time.time()
-    try:
-        done = subprocess.run(cmd, cwd=envs.ROOT, capture_output=True, text=True, timeout=STEP_TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        sys.exit(f"conformance: {what} still running after {STEP_TIMEOUT} s, stopped:\n{(e.stdout or b'')[-2000:]!r}")
+    with no_process_left(what) as env:
+        try:
+            done = subprocess.run(cmd, cwd=envs.ROOT, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT)
+        except subprocess.TimeoutExpired as e:
+            sys.exit(f"conformance: {what} still running after {STEP_TIMEOUT} s, stopped:\n"
+                     f"{(e.stdout or b'')[-2000:]!r}")
     if done.returncode != 0:
         sys.exit(f"conformance: {what} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     print(f"conformance: {what} ({time.time() - start:.0f} s)", flush=True)
@@ -97,8 +114,9 @@ def evaluation(what: str, *args) -> int:
     """conformance.evaluation (lm-eval on the reference and the servers), its table shown as it runs; its exit code."""
     print(f"conformance: lm-eval on the reference and the servers ({what})", flush=True)
     start = time.time()
-    code = subprocess.run(module_command("core", "conformance.evaluation", *args), cwd=envs.ROOT,
-                          timeout=STEP_TIMEOUT).returncode
+    with no_process_left(f"lm-eval ({what})") as env:
+        code = subprocess.run(module_command("core", "conformance.evaluation", *args), cwd=envs.ROOT, env=env,
+                              timeout=STEP_TIMEOUT).returncode
     print(f"conformance: lm-eval ({what}) exit {code} ({time.time() - start:.0f} s)", flush=True)
     return code
 

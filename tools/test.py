@@ -7,14 +7,14 @@
 tests/core runs in the core venv, tests/vllm in the vllm venv, and so on. Each
 suite's output streams as it runs, and a suite still running after SUITE_TIMEOUT seconds is stopped and counted as
 failed (CI must not hang). A suite that leaves a process running after it ends fails too: such a process (a forked
-writer, a server outside any fixture) can hold the cores or hang a CI job; it is named and killed. The last line sums
+writer, a server outside any fixture) can hold the cores or hang a CI job; it is named and killed
+(leftover_processes, which conformance.run's steps use as well). The last line sums
 all suites up as "N passed, N failed".
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import signal
@@ -22,29 +22,14 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import envs  # this folder: python3 tools/test.py puts it first on the path
+import leftover_processes
 
 SUITES = {name: envs.ROOT / "tests" / name for name in envs.RECIPES}
 LINT = "lint"
 SUITE_TIMEOUT = 30 * 60
 RESULT_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?)")
-SUITE_MARK = "BLOCKDIFF_TEST_SUITE_RUN"  # set in a suite's environment; every process it starts inherits it
-LEFT_RUNNING_GRACE = 10  # seconds for processes stopped at the suite's end to exit
-
-
-def left_running(mark: str) -> dict[int, str]:
-    """Command lines of the live processes whose environment holds `mark` (a zombie's environment reads empty)."""
-    entry, found = f"{SUITE_MARK}={mark}".encode(), {}
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if entry in environ.read_bytes().split(b"\0"):
-                command = (environ.parent / "cmdline").read_bytes().replace(b"\0", b" ")
-                found[int(environ.parent.name)] = command.decode(errors="replace")
-        except OSError:  # ended while we looked
-            continue
-    return found
 
 
 def main() -> int:
@@ -68,8 +53,8 @@ def main() -> int:
             cmd = ["-m", "ruff", "check", "."]
         else:
             cmd = ["-m", "pytest", *([] if names_paths else [str(SUITES[name])]), *pytest_args]
-        mark = f"{name}-{os.getpid()}-{time.time_ns()}"
-        proc = subprocess.Popen([str(py), *cmd], cwd=envs.ROOT, env={**os.environ, SUITE_MARK: mark},
+        mark, env = leftover_processes.marked_environment(name)
+        proc = subprocess.Popen([str(py), *cmd], cwd=envs.ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         timer = threading.Timer(SUITE_TIMEOUT, os.killpg, (proc.pid, signal.SIGKILL))
         timer.start()
@@ -82,13 +67,9 @@ def main() -> int:
         timer.cancel()
         if time.time() - start >= SUITE_TIMEOUT:
             print(f"===== suite {name}: stopped after {SUITE_TIMEOUT} s =====", flush=True)
-        deadline = time.time() + LEFT_RUNNING_GRACE
-        while (left := left_running(mark)) and time.time() < deadline:
-            time.sleep(1)
+        left = leftover_processes.kill_left_running(mark)
         for pid, command in left.items():
             print(f"===== suite {name} left process {pid} running (killed): {command[:300]}", flush=True)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
         summary = last.strip()
         counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
         for count, word in RESULT_COUNT.findall(summary):

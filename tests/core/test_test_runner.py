@@ -1,11 +1,13 @@
-"""tools/test.py, the command behind `make test`: a suite that leaves a process running after it ends fails, and the
-process is named and killed."""
+"""`make test` fails on a process left running: tools/test.py's suites and conformance.run's steps each name and kill
+what they leave (tools/leftover_processes)."""
 
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from leaks_a_process import LEAKED  # this folder
 
 from drivers.processes import stat_fields
@@ -21,6 +23,31 @@ def test_a_suite_that_leaves_a_process_running_fails_and_the_process_is_killed()
     assert "1 passed" in run.stdout  # the test itself passed: the leak alone fails the suite
     left = re.findall(rf"suite core left process (\d+) running \(killed\): .*{LEAKED}", run.stdout)
     assert len(left) == 1, run.stdout[-3000:]
-    fields = stat_fields(int(left[0]))
-    assert fields is None or fields[0] == "Z"  # gone, or dead and not yet reaped
+    assert _dies_within(int(left[0]), seconds=10)
     assert "failing suites: core" in run.stdout
+
+
+def test_a_conformance_step_that_leaves_a_process_running_fails_naming_it(monkeypatch, capsys):
+    from conformance import run
+    from tools import leftover_processes
+
+    monkeypatch.setattr(leftover_processes, "GRACE", 1)
+    # its output elsewhere, as a server's log: a leaked process holding the step's pipes would hold the step too
+    leaks = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)', " \
+            f"'{LEAKED}'], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)"
+    with pytest.raises(SystemExit, match="conformance: a leaking step left 1 process"):
+        run.step("a leaking step", [sys.executable, "-c", leaks])
+    left = re.findall(rf"a leaking step left process (\d+) running \(killed\): .*{LEAKED}", capsys.readouterr().out)
+    assert len(left) == 1
+    assert _dies_within(int(left[0]), seconds=10)
+
+
+def _dies_within(pid: int, seconds: float) -> bool:
+    """Whether process `pid` is gone, or dead and not yet reaped, within `seconds` (SIGKILL takes effect soon, not at
+    once)."""
+    deadline = time.time() + seconds
+    while (fields := stat_fields(pid)) is not None and fields[0] != "Z":
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
