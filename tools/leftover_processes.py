@@ -36,11 +36,19 @@ def left_running(mark: str) -> dict[int, str]:
 
 
 def kill_left_running(mark: str) -> dict[int, str]:
-    """After up to GRACE seconds for them to exit, kill the processes still carrying `mark`; their command lines."""
-    deadline = time.time() + GRACE
-    while (left := left_running(mark)) and time.time() < deadline:
-        time.sleep(0.5)
+    """After up to GRACE seconds for them to exit, kill the processes still carrying `mark` and wait (up to GRACE
+    again) until they are gone, so the next step starts with the cores free; their command lines."""
+    left = _running_after(mark, GRACE)
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    _running_after(mark, GRACE)
+    return left
+
+
+def _running_after(mark: str, seconds: float) -> dict[int, str]:
+    """`left_running(mark)` once none is left or `seconds` have passed."""
+    deadline = time.time() + seconds
+    while (left := left_running(mark)) and time.time() < deadline:
+        time.sleep(0.1)
     return left

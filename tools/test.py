@@ -7,9 +7,8 @@
 tests/core runs in the core venv, tests/vllm in the vllm venv, and so on. Each
 suite's output streams as it runs, and a suite still running after SUITE_TIMEOUT seconds is stopped and counted as
 failed (CI must not hang). A suite that leaves a process running after it ends fails too: such a process (a forked
-writer, a server outside any fixture) can hold the cores or hang a CI job; it is named and killed
-(leftover_processes, which conformance.run's steps use as well). The last line sums
-all suites up as "N passed, N failed".
+writer, a server outside any fixture) can hold the cores or hang a CI job; it is named and killed (leftover_processes,
+which conformance.run's steps use as well). The last line sums all suites up as "N passed, N failed".
 """
 
 from __future__ import annotations
