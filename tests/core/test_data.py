@@ -1,3 +1,5 @@
+import platform
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -12,7 +14,8 @@ from blockdiff.text import (
     special_id,
     train_tokenizer,
 )
-from blockdiff_demo.corpus import function_sft_pairs, humaneval_prompts, stdlib_documents
+from blockdiff_demo import corpus
+from blockdiff_demo.corpus import Document, function_sft_pairs, humaneval_prompts, stdlib_documents
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +30,19 @@ def test_stdlib_corpus_is_real_deterministic_code(docs):
     assert any("def " in d.text for d in docs)
     full = stdlib_documents()
     assert any(d.is_validation for d in full) and sum(d.is_validation for d in full) < len(full) / 10
+
+
+def test_the_stdlib_fingerprint_names_the_python_and_changes_with_any_source(docs, monkeypatch):
+    """The demo prints it: two runs whose figures differ can be told apart by the corpus they read."""
+    fingerprint = corpus.stdlib_fingerprint()
+    assert fingerprint.startswith(f"Python {platform.python_version()}, ")
+    assert fingerprint == corpus.stdlib_fingerprint()
+    monkeypatch.setattr(corpus, "stdlib_documents", lambda: docs)
+    original = corpus.stdlib_fingerprint()
+    edited = [*docs[:-1], Document(docs[-1].name, docs[-1].text + "\n")]  # one byte more in one file
+    monkeypatch.setattr(corpus, "stdlib_documents", lambda: edited)
+    assert corpus.stdlib_fingerprint() != original
+    assert corpus.stdlib_fingerprint().split(", ")[:2] == original.split(", ")[:2]  # same version, same file count
 
 
 def test_tokenizer_round_trip_and_transformers_loading(docs, tmp_path):
