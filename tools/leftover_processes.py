@@ -12,7 +12,7 @@ import signal
 import time
 from pathlib import Path
 
-MARK_VARIABLE = "BLOCKDIFF_TEST_SUITE_RUN"
+MARK_VARIABLE = "BLOCKDIFF_MAKE_TEST_STEP"  # a suite of tools/test.py or a step of conformance.run
 GRACE = 10  # seconds for the processes stopped at a step's end to exit
 
 
