@@ -13,15 +13,16 @@ time per request W and denoising forwards per request n at the two thresholds, p
 and per request F = W0 - n0 S. Each sample is put in the first category whose frames it holds: attention metadata,
 model forward, sampling/commit (the plugin's denoising step: logits, propose, commit; for AR the engine's sampler),
 input preparation, scheduler, HTTP/tokenize/detokenize (any sample of the API server or detokenizer process), IPC and
-waiting (message queues, spin waits), other. Reported per request: wall ms, and CPU ms per category (samples / rate /
-requests; the processes share 2 cores, so CPU ms can exceed wall ms). The reference decoder (block diffusion, and the
-core's `greedy_ar_decode` for AR) runs the same requests in batches of 1, 4 and 16 in this process, `REPEATS` times,
-its model forward timed apart from the rest. The same requests take the same forwards on every stack (conformance), so
-a stack's wall against the reference's is the ratio of their costs. `vllm-uni` is the vLLM server with
-`--distributed-executor-backend uni`: the model runs in the engine-core process, without the worker process and the
-shared-memory queue vLLM's default puts between them. `vllm-step` is the vLLM server with the plugin's in-step
-denoising loop off (`VLLM_BLOCKDIFF_DENOISE_LOOP=0`: one denoising forward per engine step), on the `cap` model only
-(its AR path is `vllm`'s). Not run unless named: `sglang-sync`, SGLang with its synchronous block scheduling
+waiting (message queues, spin waits), other; the model forward's samples again by the layer part their innermost
+frame names (`MODEL_PARTS`: attention, linear, norms, rotary, ...). Reported per request: wall ms, and CPU ms per
+category (samples / rate / requests; the processes share 2 cores, so CPU ms can exceed wall ms). The reference
+decoder (block diffusion, and the core's `greedy_ar_decode` for AR) runs the same requests in batches of 1, 4 and 16 in
+this process, `REPEATS` times, its model forward timed apart from the rest. The same requests take the same forwards
+on every stack (conformance), so a stack's wall against the reference's is the ratio of their costs. `vllm-uni` is the
+vLLM server with `--distributed-executor-backend uni`: the model runs in the engine-core process, without the worker
+process and the shared-memory queue vLLM's default puts between them. `vllm-step` is the vLLM server with the plugin's
+in-step denoising loop off (`VLLM_BLOCKDIFF_DENOISE_LOOP=0`: one denoising forward per engine step), on the `cap` model
+only (its AR path is `vllm`'s). Not run unless named: `sglang-sync`, SGLang with its synchronous block scheduling
 (`--no-dllm-fdfo`; `cap` only), and `sglang-core0`, SGLang with its threads bound to core 0
 (`SGLANG_CPU_OMP_THREADS_BIND=0`).
 
@@ -70,6 +71,17 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("IPC and waiting", ("shm_broadcast", "zmq/", "sched_yield", "recv_pyobj", "Condition.wait", "Queue.get")),
 ]
 FRONTEND = "HTTP/tokenize/detokenize"
+# The model forward's samples split by the layer part of their innermost frame that names one (vLLM's and SGLang's
+# layers live in files of these names); "rest of the model" is the model files' own code between the parts.
+MODEL_PARTS: list[tuple[str, tuple[str, ...]]] = [
+    ("attention", ("layers/attention/", "attention/backends/", "radix_attention.py")),
+    ("linear", ("layers/linear.py", "quantization/unquant.py")),
+    ("norms", ("layernorm.py",)),
+    ("rotary", ("rotary_embedding",)),
+    ("activation", ("layers/activation.py",)),
+    ("layer plumbing", ("layer_boundary/",)),  # SGLang's residual and communication stages between layers
+    ("embedding and logits", ("vocab_parallel_embedding.py", "logits_processor.py")),
+]
 COLUMNS = [name for name, _ in CATEGORIES[:-1]] + [FRONTEND] + [CATEGORIES[-1][0], "other"]
 
 
@@ -97,6 +109,16 @@ def categorize(frames: str, frontend: bool) -> str:
     return "other"
 
 
+def model_part(frames: str) -> str:
+    """The layer part a model-forward sample was in: the innermost of its frames that names one (py-spy's raw lines
+    list frames outermost first, separated by ';')."""
+    for frame in reversed(frames.split(";")):
+        for name, needles in MODEL_PARTS:
+            if any(needle in frame for needle in needles):
+                return name
+    return "rest of the model"
+
+
 def py_spy() -> str:
     found = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if found is None:
@@ -122,9 +144,11 @@ def passes(send, requests: list, concurrency: int) -> tuple[int, int, float, lis
     return answered, forwards, time.perf_counter() - start, first
 
 
-def profiled_passes(url: str, send, requests: list, concurrency: int, out: Path) -> tuple[Counter, float]:
-    """`passes` while py-spy samples every server process. Returns CPU seconds per category per request and wall
-    seconds per request, both under the profiler (it takes CPU from the server on these 2 cores: module docstring)."""
+def profiled_passes(url: str, send, requests: list, concurrency: int, out: Path
+                    ) -> tuple[Counter, Counter, float]:
+    """`passes` while py-spy samples every server process. Returns CPU seconds per request by category, and of the
+    model forward by layer part (`model_part`), and wall seconds per request, all under the profiler (it takes CPU
+    from the server on these 2 cores: module docstring)."""
     pids = group_pids(url)
     spies = {pid: subprocess.Popen([py_spy(), "record", "-p", str(pid), "-o", str(out.with_suffix(f".{pid}.txt")),
                                     "-f", "raw", "-r", str(RATE), "-d", "3600", "--nonblocking"],
@@ -136,7 +160,7 @@ def profiled_passes(url: str, send, requests: list, concurrency: int, out: Path)
         spy.send_signal(signal.SIGINT)
     # the samples also cover py-spy's attaching before the requests: scale to the requests' share
     sampled = time.perf_counter() - spied
-    seconds = Counter()
+    seconds, parts = Counter(), Counter()
     for pid, spy in spies.items():
         spy.wait(timeout=60)
         trace = out.with_suffix(f".{pid}.txt")
@@ -145,9 +169,14 @@ def profiled_passes(url: str, send, requests: list, concurrency: int, out: Path)
         frontend = is_frontend(pid, pids[0])
         for line in trace.read_text().splitlines():
             frames, _, count = line.rpartition(" ")
-            seconds[categorize(frames, frontend)] += int(count) / RATE
+            category = categorize(frames, frontend)
+            seconds[category] += int(count) / RATE
+            if category == "model forward":
+                parts[model_part(frames)] += int(count) / RATE
         trace.unlink()
-    return Counter({k: v * wall / sampled / answered for k, v in seconds.items()}), wall / answered
+    scale = wall / sampled / answered
+    return (Counter({k: v * scale for k, v in seconds.items()}), Counter({k: v * scale for k, v in parts.items()}),
+            wall / answered)
 
 
 class TimedModel:
@@ -259,11 +288,12 @@ def main() -> None:
 
                     for c in CONCURRENCY:
                         row = median_of_repeats(lambda c=c: measured(c))
-                        seconds, profiled_wall = profiled_passes(url, one, budgets[name], c,
-                                                                 RESULTS / f"step_breakdown_{stack}_{name}")
+                        seconds, parts, profiled_wall = profiled_passes(url, one, budgets[name], c,
+                                                                        RESULTS / f"step_breakdown_{stack}_{name}")
                         rows.append({"stack": stack, "model": name, "threshold": t, "concurrency": c, **row,
                                      "profiled_wall_ms": 1e3 * profiled_wall,
-                                     "cpu_ms": {k: 1e3 * v for k, v in seconds.items()}})
+                                     "cpu_ms": {k: 1e3 * v for k, v in seconds.items()},
+                                     "model_forward_cpu_ms": {k: 1e3 * v for k, v in parts.items()}})
     report(rows)
 
 
@@ -287,7 +317,8 @@ def per_forward_split(rows: list[dict]) -> list[dict]:
 
 
 def report(rows: list[dict]) -> None:
-    reference = {(r["model"], r["threshold"], r["concurrency"]): r["wall_ms"] for r in rows if r["stack"] == "reference"}
+    reference = {(r["model"], r["threshold"], r["concurrency"]): r["wall_ms"]
+                 for r in rows if r["stack"] == "reference"}
     header = "".join(f"{name[:12]:>13}" for name in COLUMNS)
     print("\nper request, ms (CPU ms per category, under py-spy; wall ms, without it; wall against the reference on the"
           " same workload; wall under py-spy)")
@@ -301,6 +332,14 @@ def report(rows: list[dict]) -> None:
               f"{r['denoise_forwards']:>6.1f}"
               f"{cells}{r['wall_ms']:>8.2f}{r['wall_ms_min']:>7.2f}-{r['wall_ms_max']:<6.2f}{r['vs_reference']:>7.2f}x"
               f"{r.get('profiled_wall_ms', r['wall_ms']):>8.2f}")
+    parts = [name for name, _ in MODEL_PARTS] + ["rest of the model"]
+    print("\nthe model forward's CPU ms per request by layer part (under py-spy)")
+    print(f"{'stack':>10}{'model':>6}{'thr':>5}{'conc':>5}" + "".join(f"{name[:12]:>13}" for name in parts))
+    for r in rows:
+        if "model_forward_cpu_ms" in r:
+            threshold = "-" if r["threshold"] is None else f"{r['threshold']:g}"
+            print(f"{r['stack']:>10}{r['model']:>6}{threshold:>5}{r['concurrency']:>5}"
+                  + "".join(f"{r['model_forward_cpu_ms'].get(name, 0.0):>13.2f}" for name in parts))
     split = per_forward_split(rows)
     print("\ncap, cost per denoising forward S and per request F, ms (from the two thresholds)")
     print(f"{'stack':>10}{'conc':>5}{'S':>8}{'S vs ref':>10}{'F':>8}")

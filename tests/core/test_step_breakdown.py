@@ -3,7 +3,7 @@ per request (benchmarks/step_breakdown.py), on rows made from known costs."""
 
 import pytest
 
-from benchmarks.step_breakdown import WORKLOADS, per_forward_split
+from benchmarks.step_breakdown import WORKLOADS, model_part, per_forward_split
 
 
 def test_two_thresholds_recover_the_cost_per_forward_and_per_request():
@@ -19,3 +19,16 @@ def test_two_thresholds_recover_the_cost_per_forward_and_per_request():
         assert s["per_request_ms"] == pytest.approx(costs[stack][0])
         assert s["per_forward_ms"] == pytest.approx(costs[stack][1])
         assert s["per_forward_vs_reference"] == pytest.approx(costs[stack][1] / costs["reference"][1])
+
+
+def test_a_model_forward_sample_goes_to_the_innermost_layer_part_its_frames_name():
+    qwen3 = "forward (sglang/srt/models/qwen3.py:445)"
+    norm_in_attention = ";".join([qwen3, "forward (sglang/srt/models/qwen3.py:313)",
+                                  "apply_qk_norm (sglang/srt/models/utils.py:478)",
+                                  "forward_native (sglang/srt/layers/layernorm.py:828)"])
+    assert model_part(norm_in_attention) == "norms"
+    sdpa = ";".join([qwen3, "forward (sglang/srt/layers/radix_attention.py:114)",
+                     "_run_sdpa_forward_extend (sglang/srt/layers/attention/torch_native_backend.py:61)"])
+    assert model_part(sdpa) == "attention"
+    assert model_part(f"{qwen3};forward (vllm/model_executor/layers/linear.py:612)") == "linear"
+    assert model_part(qwen3) == "rest of the model"
