@@ -72,7 +72,8 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 ]
 FRONTEND = "HTTP/tokenize/detokenize"
 # The model forward's samples split by the layer part of their innermost frame that names one (vLLM's and SGLang's
-# layers live in files of these names); "rest of the model" is the model files' own code between the parts.
+# layers live in files of these names; py-spy runs with --full-filenames, as it would otherwise cut a path to its
+# shortest unique suffix, which differs between engines); "rest of the model" is the model files' own code between.
 MODEL_PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("attention", ("layers/attention/", "attention/backends/", "radix_attention.py")),
     ("linear", ("layers/linear.py", "quantization/unquant.py")),
@@ -151,7 +152,8 @@ def profiled_passes(url: str, send, requests: list, concurrency: int, out: Path
     from the server on these 2 cores: module docstring)."""
     pids = group_pids(url)
     spies = {pid: subprocess.Popen([py_spy(), "record", "-p", str(pid), "-o", str(out.with_suffix(f".{pid}.txt")),
-                                    "-f", "raw", "-r", str(RATE), "-d", "3600", "--nonblocking"],
+                                    "-f", "raw", "-r", str(RATE), "-d", "3600", "--nonblocking",
+                                    "--full-filenames"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in pids}
     spied = time.perf_counter()
     time.sleep(1)  # py-spy attaches

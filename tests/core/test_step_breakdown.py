@@ -22,13 +22,17 @@ def test_two_thresholds_recover_the_cost_per_forward_and_per_request():
 
 
 def test_a_model_forward_sample_goes_to_the_innermost_layer_part_its_frames_name():
-    qwen3 = "forward (sglang/srt/models/qwen3.py:445)"
-    norm_in_attention = ";".join([qwen3, "forward (sglang/srt/models/qwen3.py:313)",
-                                  "apply_qk_norm (sglang/srt/models/utils.py:478)",
-                                  "forward_native (sglang/srt/layers/layernorm.py:828)"])
+    """Frames as py-spy writes them with --full-filenames."""
+    sglang = "/venvs/sglang/lib/python3.11/site-packages/sglang/srt"
+    qwen3 = f"Qwen3DecoderLayer.forward ({sglang}/models/qwen3.py:445)"
+    norm_in_attention = ";".join([qwen3, f"Qwen3Attention.forward ({sglang}/models/qwen3.py:313)",
+                                  f"apply_qk_norm ({sglang}/models/utils.py:478)",
+                                  f"RMSNorm.forward_native ({sglang}/layers/layernorm.py:828)"])
     assert model_part(norm_in_attention) == "norms"
-    sdpa = ";".join([qwen3, "forward (sglang/srt/layers/radix_attention.py:114)",
-                     "_run_sdpa_forward_extend (sglang/srt/layers/attention/torch_native_backend.py:61)"])
+    sdpa = ";".join([qwen3, f"RadixAttention.forward ({sglang}/layers/radix_attention.py:114)",
+                     f"_run_sdpa_forward_extend ({sglang}/layers/attention/torch_native_backend.py:61)"])
     assert model_part(sdpa) == "attention"
-    assert model_part(f"{qwen3};forward (vllm/model_executor/layers/linear.py:612)") == "linear"
+    assert model_part(f"{qwen3};SiluAndMul.forward_native ({sglang}/layers/activation.py:143)") == "activation"
+    vllm = "/venvs/vllm/lib/python3.11/site-packages/vllm/model_executor"
+    assert model_part(f"{qwen3};forward ({vllm}/layers/linear.py:612)") == "linear"
     assert model_part(qwen3) == "rest of the model"
