@@ -57,6 +57,8 @@ def register() -> None:
         for endpoint in ("serving_completions", "serving_chat"):
             HookRegistry.register(f"sglang.srt.entrypoints.openai.{endpoint}.build_endpoint_weight_version_metadata",
                                   hooks.accounting_in_metadata, HookType.AFTER)
+    HookRegistry.register("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend."
+                          "_run_sdpa_forward_extend", hooks.attend_from_extend_tokens_only, HookType.AROUND)
     if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":  # the CPU runtime (docs/environments.md)
         HookRegistry.register("sglang.srt.layers.moe.fused_moe_native.moe_forward_native",
                               hooks.scale_native_moe_output, HookType.AFTER)

@@ -215,3 +215,39 @@ def scale_native_moe_output(output, layer, x, topk_output, moe_runner_config):
     factor set to 1). A CPU runtime fix; GPU serving does not run this function."""
     factor = moe_runner_config.routed_scaling_factor
     return output if factor is None or factor == 1.0 else output * factor
+
+
+def attend_from_extend_tokens_only(original, backend, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
+                                   seq_lens, extend_prefix_lens, extend_seq_lens, encoder_lens=None, scaling=None,
+                                   enable_gqa=False, causal=False, is_cross_attn=False, sliding_window_size=None):
+    """`TorchNativeAttnBackend._run_sdpa_forward_extend` (SGLang's attention on CPU): a bidirectional extend (a
+    block-diffusion block over its cached prefix) attends from the extended tokens only. SGLang 0.5.23 runs every
+    sequence's attention from all its positions, prefix included, and throws the prefix rows away: a 32-token block
+    after a 500-token context costs 16 times the attention it needs. Without a mask every output row is the same
+    softmax over the same keys either way. On a block-diffusion server (`extend_block_size` set on the backend by the
+    algorithm) an extend of several blocks is block-causal: each block attends to the prefix, the blocks before it
+    and itself (the fused commit forward's rows). Causal, cross-attention, sliding-window and encoder extends are
+    SGLang's."""
+    if causal or is_cross_attn or encoder_lens is not None or (sliding_window_size or -1) > -1:
+        return original(backend, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                        extend_prefix_lens, extend_seq_lens, encoder_lens, scaling=scaling, enable_gqa=enable_gqa,
+                        causal=causal, is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
+    from torch.nn.functional import scaled_dot_product_attention
+
+    heads_first = query.movedim(0, 1)  # [heads, tokens, head_size]
+    block = getattr(backend, "extend_block_size", None)
+    start = 0
+    for pool_index, kv_len, q_len in zip(req_pool_indices.tolist(), seq_lens.tolist(), extend_seq_lens.tolist()):
+        slots = req_to_token[pool_index, :kv_len]
+        key, value = k_cache[slots].movedim(0, 1), v_cache[slots].movedim(0, 1)
+        if key.dtype != query.dtype:  # as SGLang: sdpa wants one dtype
+            key, value = key.to(query.dtype), value.to(query.dtype)
+        prefix_len, step = kv_len - q_len, block or max(q_len, 1)
+        for lo in range(0, q_len, step):
+            hi = min(lo + step, q_len)
+            attended = scaled_dot_product_attention(heads_first[None, :, start + lo:start + hi],
+                                                    key[None, :, :prefix_len + hi], value[None, :, :prefix_len + hi],
+                                                    scale=scaling, enable_gqa=enable_gqa)
+            output[start + lo:start + hi] = attended[0].movedim(1, 0)
+        start += q_len
+    return output

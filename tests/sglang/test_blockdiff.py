@@ -2,9 +2,11 @@
 token, for the dense tiny model and a tiny random LLaDA2MoeModelLM; SGLang's own LowConfidence on its own LLaDA2 model
 against the same reference where the semantics coincide; radix-cache reuse; and 400s for bad requests."""
 
+import contextlib
 import random
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,9 +44,41 @@ def test_single_requests_match_the_reference(served):
     want = reference_results(served["model"], served["eos"], singles)
     assert same(got, want)
     covers_the_hard_cases(singles, got)
+    # every finished block's KV is written by the next block's first forward, and the last block needs none
+    assert [commit_forwards(r, g, w) for r, g, w in zip(singles, got, want)] == [0] * len(singles)
+    assert sum(finished_blocks(r, w) > 1 for r, w in zip(singles, want)) >= 4  # there were commits to fuse
+
+
+@pytest.fixture(scope="module")
+def unfused(tmp_path_factory):
+    path = tmp_path_factory.mktemp("unfused")
+    model, eos = make_served_model(path, "dense")
+    with serving(path, model, eos, "BlockDiff", "fuse_commit: false\n", max_running=8) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serving(path: Path, model, eos: tuple[int, ...], algorithm: str, config: str, max_running: int):
+    """SGLang on the model saved at `path`, with `--dllm-algorithm algorithm` and `config` as its YAML config."""
+    (path / "algorithm.yaml").write_text(config)
+    port = free_port()
+    cmd = launch_command(path, port, "--context-length", "512", "--dllm-algorithm", algorithm,
+                         "--dllm-algorithm-config", str(path / "algorithm.yaml"),
+                         "--max-running-requests", str(max_running))
+    with running_server(cmd, port, path / "server.log", CPU_ENV) as url:
+        yield {"url": url, "model": model, "eos": eos, "vocab": read_config(path)["vocab_size"]}
+
+
+def test_fuse_commit_false_writes_each_finished_blocks_kv_in_a_forward_of_its_own(unfused):
+    singles, _ = request_sets(unfused["vocab"], seed=len("dense"))
+    singles = singles[1::4]
+    got = [generate(unfused["url"], r) for r in singles]
+    want = reference_results(unfused["model"], unfused["eos"], singles)
+    assert same(got, want)
     # alone in its batch, a request's last block ends without a forward of its own, as in the reference decoder
     assert [commit_forwards(r, g, w) for r, g, w in zip(singles, got, want)] == \
         [finished_blocks(r, w) - 1 for r, w in zip(singles, want)]
+    assert sum(finished_blocks(r, w) > 1 for r, w in zip(singles, want)) >= 2
 
 
 def test_eight_concurrent_requests_match_the_reference(served):
@@ -57,9 +91,7 @@ def test_eight_concurrent_requests_match_the_reference(served):
         accounting = g["meta"]["block_diffusion"][0]
         assert accounting["denoise_forwards"] == w["denoise_forwards"]
         assert accounting["tpf"] == pytest.approx(len(w["tokens"]) / w["denoise_forwards"])
-        # the last block's forward is skipped unless a peer in the same batch still denoises: SGLang forwards the
-        # whole batch, and that forward writes the last block's final KV too
-        assert finished_blocks(r, w) - 1 <= commit_forwards(r, g, w) <= finished_blocks(r, w)
+        assert commit_forwards(r, g, w) == 0  # each finished block's KV written by its successor's first forward
 
 
 def test_every_denoising_steps_logits_match_the_core_model(served):
@@ -147,12 +179,8 @@ def low_confidence(tmp_path_factory):
     with torch.no_grad():
         model.lm_head.weight[MASK] = 0
     save_model(model, read_config(path), path)
-    (path / "algo.yaml").write_text("threshold: 0.95\n")
-    port = free_port()
-    cmd = launch_command(path, port, "--context-length", "512", "--dllm-algorithm", "LowConfidence",
-                         "--dllm-algorithm-config", str(path / "algo.yaml"), "--max-running-requests", "4")
-    with running_server(cmd, port, path / "server.log", CPU_ENV) as url:
-        yield {"url": url, "model": model, "eos": eos, "vocab": read_config(path)["vocab_size"]}
+    with serving(path, model, eos, "LowConfidence", "threshold: 0.95\n", max_running=4) as server:
+        yield server
 
 
 def test_sglang_low_confidence_on_its_llada2_agrees_with_the_core(low_confidence):

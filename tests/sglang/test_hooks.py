@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from sglang_blockdiff.hooks import drop_stale_block_kv, send_committed_blocks_only
+from sglang_blockdiff.hooks import attend_from_extend_tokens_only, drop_stale_block_kv, send_committed_blocks_only
 
 
 def ended_request(stale_from: int, allocated: int) -> SimpleNamespace:
@@ -63,3 +63,57 @@ def test_a_forward_that_commits_nothing_sends_nothing_streaming_or_not():
 
 def test_a_request_the_hook_cannot_read_is_sent_as_sglang_would():
     assert sent_outputs(SimpleNamespace(rid="r", blockdiff=SimpleNamespace())) == ["r"]
+
+
+def sglang_extend(query, k_cache, v_cache, req_to_token, seq_lens, prefix_lens, causal=False):
+    """SGLang's own torch-native extend attention on one batch, and the plugin's in front of it."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    original = TorchNativeAttnBackend._run_sdpa_forward_extend
+    original = getattr(original, "__wrapped__", original)  # SGLang's, should the plugin's hooks be applied here
+    args = (k_cache, v_cache, req_to_token, torch.arange(len(seq_lens)), seq_lens, prefix_lens, seq_lens - prefix_lens)
+    backend = object.__new__(TorchNativeAttnBackend)
+    want = original(backend, query, torch.empty_like(query), *args, scaling=0.3, enable_gqa=True, causal=causal)
+    got = attend_from_extend_tokens_only(original, backend, query, torch.full_like(query, float("nan")), *args,
+                                         scaling=0.3, enable_gqa=True, causal=causal)
+    return want, got
+
+
+def test_a_bidirectional_extend_attends_from_its_new_tokens_only_with_sglangs_outputs():
+    torch.manual_seed(0)
+    seq_lens, prefix_lens = torch.tensor([40, 32, 97]), torch.tensor([8, 0, 65])  # a block over 8, 0 and 65 tokens
+    slots = torch.randperm(200)
+    req_to_token = torch.stack([slots[:100], slots[100:], slots[50:150]])  # the third shares the others' slots
+    k_cache, v_cache = torch.randn(200, 2, 16), torch.randn(200, 2, 16)  # 2 KV heads under 6 query heads
+    query = torch.randn(int((seq_lens - prefix_lens).sum()), 6, 16)
+    want, got = sglang_extend(query, k_cache, v_cache, req_to_token, seq_lens, prefix_lens)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_causal_extend_is_left_to_sglang():
+    torch.manual_seed(0)
+    seq_lens, prefix_lens = torch.tensor([40]), torch.tensor([8])
+    k_cache, v_cache = torch.randn(40, 2, 16), torch.randn(40, 2, 16)
+    query = torch.randn(32, 2, 16)
+    want, got = sglang_extend(query, k_cache, v_cache, torch.arange(40)[None], seq_lens, prefix_lens, causal=True)
+    assert torch.equal(got, want)
+
+
+def test_on_a_block_diffusion_server_an_extend_of_two_blocks_is_block_causal():
+    """The fused commit forward's row: a finished block and the next one over an 8-token prefix; the first block
+    must not see the second, the second sees both (DECODING.md's block-causal mask)."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    torch.manual_seed(0)
+    block, prefix = 4, 8
+    k_cache, v_cache = torch.randn(16, 2, 8), torch.randn(16, 2, 8)
+    query = torch.randn(2 * block, 2, 8)
+    backend = object.__new__(TorchNativeAttnBackend)
+    backend.extend_block_size = block
+    got = attend_from_extend_tokens_only(None, backend, query, torch.empty_like(query), k_cache, v_cache,
+                                         torch.arange(16)[None], torch.tensor([0]), torch.tensor([16]),
+                                         torch.tensor([prefix]), torch.tensor([2 * block]), scaling=0.5)
+    sees = torch.arange(16)[None, :] < prefix + block * (torch.arange(2 * block)[:, None] // block + 1)
+    want = torch.nn.functional.scaled_dot_product_attention(query.movedim(0, 1), k_cache.movedim(0, 1),
+                                                            v_cache.movedim(0, 1), attn_mask=sees, scale=0.5)
+    torch.testing.assert_close(got, want.movedim(1, 0), rtol=1e-6, atol=1e-6)
