@@ -61,6 +61,24 @@ def running_server(cmd: list[str], port: int, log_path: Path, env: dict[str, str
         log.close()
 
 
+@contextlib.contextmanager
+def paused(urls: list[str]) -> Iterator[None]:
+    """The servers at `urls` stopped (SIGSTOP to each process group, waited for) until the block ends: an idle SGLang
+    scheduler polls, and takes CPU from a server measured beside it."""
+    for url in urls:
+        os.killpg(_PROCESS_GROUPS[url], signal.SIGSTOP)
+    deadline = time.time() + 10
+    while any(fields[0] not in "TZ" for url in urls for fields in group_stats(_PROCESS_GROUPS[url]).values()):
+        if time.time() > deadline:
+            raise RuntimeError(f"the servers at {urls} did not stop in 10 s")
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        for url in urls:
+            os.killpg(_PROCESS_GROUPS[url], signal.SIGCONT)
+
+
 def group_pids(url: str) -> list[int]:
     """The processes of the server at `url` (API server, engine, workers)."""
     return sorted(group_stats(_PROCESS_GROUPS[url]))
