@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from benchmarks.serving_throughput import CONCURRENCY, REPEATS, REQUESTS, RESULTS, STACKS, THRESHOLD, timed
@@ -99,6 +99,20 @@ SERVERS = {**STACKS, "vllm-uni": (vllm_uni_command, *STACKS["vllm"][1:]),
            "sglang-sync": (sglang_sync_command, *STACKS["sglang"][1:]),
            "sglang-core0": (*STACKS["sglang"][:2], {**STACKS["sglang"][2], "SGLANG_CPU_OMP_THREADS_BIND": "0"})}
 BLOCK_DIFFUSION_ONLY = {"vllm-step", "sglang-sync"}  # stacks that differ from another only in block diffusion
+
+
+def samples(raw: str) -> Iterator[tuple[str, int]]:
+    """py-spy's raw lines, `frames count`. A frame name py-spy read mid-update can hold a newline (seen once in
+    SGLang's scheduler: `(` and then `:-1029315712);Mapping.get ... 2` on the next line): such a sample goes on until
+    a line ends in its count."""
+    pending = ""
+    for line in raw.splitlines():
+        frames, _, count = (pending + line).rpartition(" ")
+        if count.isdigit():
+            yield frames, int(count)
+            pending = ""
+        else:
+            pending += line + "\n"
 
 
 def categorize(frames: str, frontend: bool) -> str:
@@ -169,12 +183,11 @@ def profiled_passes(url: str, send, requests: list, concurrency: int, out: Path
         if not trace.exists():  # a process with no Python frames to sample (multiprocessing's resource tracker)
             continue
         frontend = is_frontend(pid, pids[0])
-        for line in trace.read_text().splitlines():
-            frames, _, count = line.rpartition(" ")
+        for frames, count in samples(trace.read_text()):
             category = categorize(frames, frontend)
-            seconds[category] += int(count) / RATE
+            seconds[category] += count / RATE
             if category == "model forward":
-                parts[model_part(frames)] += int(count) / RATE
+                parts[model_part(frames)] += count / RATE
         trace.unlink()
     scale = wall / sampled / answered
     return (Counter({k: v * scale for k, v in seconds.items()}), Counter({k: v * scale for k, v in parts.items()}),

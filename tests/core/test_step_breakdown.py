@@ -3,7 +3,7 @@ per request (benchmarks/step_breakdown.py), on rows made from known costs."""
 
 import pytest
 
-from benchmarks.step_breakdown import WORKLOADS, model_part, per_forward_split
+from benchmarks.step_breakdown import WORKLOADS, model_part, per_forward_split, samples
 
 
 def test_two_thresholds_recover_the_cost_per_forward_and_per_request():
@@ -36,3 +36,9 @@ def test_a_model_forward_sample_goes_to_the_innermost_layer_part_its_frames_name
     vllm = "/venvs/vllm/lib/python3.11/site-packages/vllm/model_executor"
     assert model_part(f"{qwen3};forward ({vllm}/layers/linear.py:612)") == "linear"
     assert model_part(qwen3) == "rest of the model"
+
+
+def test_a_raw_sample_whose_frame_name_holds_a_newline_is_read_whole():
+    raw = "main (a.py:1);step (b.py:2) 3\nmain (a.py:1);   (\n  :-10);get (c.py:7) 2\nmain (a.py:1) 1\n"
+    assert list(samples(raw)) == [("main (a.py:1);step (b.py:2)", 3), ("main (a.py:1);   (\n  :-10);get (c.py:7)", 2),
+                                  ("main (a.py:1)", 1)]
