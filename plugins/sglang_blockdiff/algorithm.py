@@ -110,9 +110,17 @@ class BlockDiff(DllmAlgorithm):
             return f"the request could not be validated for block diffusion: {type(e).__name__}: {e}"
 
     def prepare_inputs(self, model_runner, forward_batch, states: list) -> None:
-        """Before a forward: each request whose previous block is done but unwritten (`defer_block_kv`) gets that
-        block's tokens, positions and KV slots ahead of its new block in its row, so this forward writes the finished
-        block's final KV; `step` puts the batch back as SGLang laid it out."""
+        """Before a forward: each request's forward is counted (here, as SGLang's synchronous rounds skip `step`
+        after a forward of prompt blocks only), and each request whose previous block is done but unwritten
+        (`defer_block_kv`) gets that block's tokens, positions and KV slots ahead of its new block in its row, so
+        this forward writes the finished block's final KV; `step` puts the batch back as SGLang laid it out."""
+        for req in forward_batch.blockdiff_reqs:
+            if req.to_finish is not None or req.finished():  # ended: `step` lets it leave
+                continue
+            try:
+                request_decoding(req, self.settings).nfe += 1
+            except Exception as e:  # noqa: BLE001 - one request's failure is that request's error
+                end_with_error(req, e)
         if self.fuse_commit and not isinstance(model_runner.attn_backend, TorchNativeAttnBackend):
             logger.warning("the commit forward is fused on the torch-native attention backend only; %s writes each "
                            "finished block's KV in a forward of its own", type(model_runner.attn_backend).__name__)
@@ -161,7 +169,6 @@ class BlockDiff(DllmAlgorithm):
         """One denoising step of one request's block; True when the block is done: this forward wrote its final KV,
         or it ends the request, or (fused) the request's next forward writes it."""
         state = request_decoding(req, self.settings)
-        state.nfe += 1
         masked = ids[row] == self.mask_id
         if prompt_mask is not None:
             masked &= ~prompt_mask[row]

@@ -57,28 +57,58 @@ def unfused(tmp_path_factory):
         yield server
 
 
+@pytest.fixture(scope="module")
+def synchronous(tmp_path_factory):
+    """SGLang's synchronous block scheduling (`--no-dllm-fdfo`: a batch's blocks are denoised to their end inside one
+    scheduler step, the finished rows forwarded along until the last one finishes), the commit forwards fused."""
+    path = tmp_path_factory.mktemp("synchronous")
+    model, eos = make_served_model(path, "dense")
+    with serving(path, model, eos, "BlockDiff", "fuse_commit: true\n", max_running=8,
+                 flags=("--no-dllm-fdfo",)) as server:
+        yield server
+
+
 @contextlib.contextmanager
-def serving(path: Path, model, eos: tuple[int, ...], algorithm: str, config: str, max_running: int):
-    """SGLang on the model saved at `path`, with `--dllm-algorithm algorithm` and `config` as its YAML config."""
+def serving(path: Path, model, eos: tuple[int, ...], algorithm: str, config: str, max_running: int,
+            flags: tuple[str, ...] = ()):
+    """SGLang on the model saved at `path`, with `--dllm-algorithm algorithm`, `config` as its YAML config and
+    `flags`."""
     (path / "algorithm.yaml").write_text(config)
     port = free_port()
     cmd = launch_command(path, port, "--context-length", "512", "--dllm-algorithm", algorithm,
                          "--dllm-algorithm-config", str(path / "algorithm.yaml"),
-                         "--max-running-requests", str(max_running))
+                         "--max-running-requests", str(max_running), *flags)
     with running_server(cmd, port, path / "server.log", CPU_ENV) as url:
         yield {"url": url, "model": model, "eos": eos, "vocab": read_config(path)["vocab_size"]}
 
 
-def test_fuse_commit_false_writes_each_finished_blocks_kv_in_a_forward_of_its_own(unfused):
-    singles, _ = request_sets(unfused["vocab"], seed=len("dense"))
-    singles = singles[1::4]
-    got = [generate(unfused["url"], r) for r in singles]
-    want = reference_results(unfused["model"], unfused["eos"], singles)
+def single_requests(server: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """Every fourth single request on the dense model, served one at a time: the requests, the served results and the
+    reference's, asserted equal; at least two of them span a finished block."""
+    singles = request_sets(server["vocab"], seed=len("dense"))[0][1::4]
+    got = [generate(server["url"], r) for r in singles]
+    want = reference_results(server["model"], server["eos"], singles)
     assert same(got, want)
+    assert sum(finished_blocks(r, w) > 1 for r, w in zip(singles, want)) >= 2
+    return singles, got, want
+
+
+def test_fuse_commit_false_writes_each_finished_blocks_kv_in_a_forward_of_its_own(unfused):
+    singles, got, want = single_requests(unfused)
     # alone in its batch, a request's last block ends without a forward of its own, as in the reference decoder
     assert [commit_forwards(r, g, w) for r, g, w in zip(singles, got, want)] == \
         [finished_blocks(r, w) - 1 for r, w in zip(singles, want)]
-    assert sum(finished_blocks(r, w) > 1 for r, w in zip(singles, want)) >= 2
+
+
+def test_synchronous_block_scheduling_gives_the_reference_outputs_with_the_commits_fused(synchronous):
+    singles, got, want = single_requests(synchronous)
+    assert [commit_forwards(r, g, w) for r, g, w in zip(singles, got, want)] == [0] * len(singles)
+    _, batch = request_sets(synchronous["vocab"], seed=len("dense"))
+    with ThreadPoolExecutor(len(batch)) as pool:  # a batch's blocks end together; its finished rows go along
+        got = list(pool.map(lambda r: generate(synchronous["url"], r), batch))
+    assert [{k: g[k] for k in ("tokens", "finish_reason")} for g in got] == \
+        [{k: w[k] for k in ("tokens", "finish_reason")} for w in reference_results(synchronous["model"],
+                                                                                      synchronous["eos"], batch)]
 
 
 def test_eight_concurrent_requests_match_the_reference(served):
