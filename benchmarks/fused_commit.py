@@ -27,9 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+from benchmarks.serving_throughput import exact_match
 from blockdiff.serving import ACCOUNTING_KEY
 from blockdiff_demo.evaluate import MAX_ANSWER_TOKENS, block_aligned_budget
-from blockdiff_demo.tasks import is_exact
 from drivers.servers import free_port, paused, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,8 +151,7 @@ def main() -> None:
     prompts = [tok.encode(t.prompt).ids for t in tasks]
 
     def score(results: list) -> float:
-        texts = [tok.decode([t for t in r.tokens if t != eos]) for r in results]
-        return sum(is_exact(t, x) for t, x in zip(tasks, texts)) / len(tasks)
+        return exact_match(tasks, [r.tokens for r in results], tok.decode, eos)
 
     print(f"{'stack':>10}{'block':>6}{'batch':>6}{'accuracy':>10}{'nfe/req fused':>15}{'unfused':>9}"
           f"{'tok/s fused (min-max)':>24}{'unfused (min-max)':>22}{'gain':>7}")

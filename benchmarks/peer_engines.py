@@ -23,10 +23,9 @@ import shutil
 import statistics
 from pathlib import Path
 
-from benchmarks.serving_throughput import CONCURRENCY, REPEATS, REQUESTS, RESULTS, post, timed
+from benchmarks.serving_throughput import CONCURRENCY, REPEATS, REQUESTS, RESULTS, exact_match, post, timed
 from blockdiff.serving import ACCOUNTING_KEY
 from blockdiff_demo.evaluate import MAX_ANSWER_TOKENS, block_aligned_budget
-from blockdiff_demo.tasks import is_exact
 from drivers.servers import free_port, running_server
 from tools import envs
 
@@ -91,13 +90,12 @@ def main() -> None:
                 runs = [timed(lambda r, url=url: send(url, r), requests, c) for _ in range(REPEATS)]
                 speeds = [sum(len(ids) for ids, _ in outs) / wall for outs, wall in runs]
                 outs = runs[0][0]
-                texts = [tok.decode([t for t in ids if t != eos]) for ids, _ in outs]
                 forwards = [f for _, f in outs if f is not None]
                 tokens = sum(len(ids) for ids, _ in outs)
                 rows.append({"algorithm": algorithm, "concurrency": c, "output_tokens": tokens,
                              "tokens_per_s": statistics.median(speeds), "min": min(speeds), "max": max(speeds),
                              "runs": speeds, "tpf": tokens / sum(forwards) if len(forwards) == len(outs) else None,
-                             "accuracy": sum(is_exact(t, x) for t, x in zip(tasks, texts)) / len(tasks),
+                             "accuracy": exact_match(tasks, [ids for ids, _ in outs], tok.decode, eos),
                              "outputs": [ids for ids, _ in outs],
                              "repeats_identical": all([i for i, _ in o] == [i for i, _ in outs] for o, _ in runs)})
     report(rows)

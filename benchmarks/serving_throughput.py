@@ -119,6 +119,13 @@ def reference_measure(model: Path, requests, eos: int) -> dict[int, list[Run]]:
     return runs
 
 
+def exact_match(tasks: list[Task], outputs: list[list[int]], decode, eos: int) -> float:
+    """Held-out accuracy: the share of `outputs` (token ids; `eos` dropped, the rest decoded) that answer their task
+    exactly."""
+    texts = [decode([t for t in ids if t != eos]) for ids in outputs]
+    return sum(is_exact(task, text) for task, text in zip(tasks, texts)) / len(tasks)
+
+
 def summarize(runs: list[Run], tasks: list[Task], decode, eos: int) -> dict:
     """Median, min and max tokens/s over the runs; TPF and accuracy of the first run's outputs, and whether every
     run gave the same tokens."""
@@ -126,10 +133,9 @@ def summarize(runs: list[Run], tasks: list[Task], decode, eos: int) -> dict:
     outs = runs[0][0]
     forwards = [f for _, f in outs if f is not None]
     tokens = sum(len(ids) for ids, _ in outs)
-    texts = [decode([t for t in ids if t != eos]) for ids, _ in outs]
     return {"output_tokens": tokens, "tokens_per_s": statistics.median(speeds), "min": min(speeds),
             "max": max(speeds), "runs": speeds, "tpf": tokens / sum(forwards) if len(forwards) == len(outs) else None,
-            "accuracy": sum(is_exact(t, x) for t, x in zip(tasks, texts)) / len(tasks),
+            "accuracy": exact_match(tasks, [ids for ids, _ in outs], decode, eos),
             "repeats_identical": all([ids for ids, _ in o] == [ids for ids, _ in outs] for o, _ in runs)}
 
 

@@ -46,7 +46,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from benchmarks.serving_throughput import CONCURRENCY, REPEATS, REQUESTS, RESULTS, STACKS, THRESHOLD, timed
+from benchmarks.serving_throughput import CONCURRENCY, REPEATS, REQUESTS, RESULTS, STACKS, THRESHOLD, exact_match, timed
 from blockdiff_demo.evaluate import MAX_ANSWER_TOKENS, block_aligned_budget
 from drivers.servers import free_port, group_pids, running_server
 from drivers.stack_servers import sglang_command, vllm_command
@@ -260,7 +260,6 @@ def main() -> None:
     args = parser.parse_args()
     from blockdiff.text import EOS, load_tokenizer, special_id
     from blockdiff_demo.corpus import held_out_tasks
-    from blockdiff_demo.tasks import is_exact
 
     models = {"cap": args.runs / "nemo/cap/hf", "ar": args.runs / "demo/ar-base"}
     for path in models.values():
@@ -273,8 +272,7 @@ def main() -> None:
     prompts = [tok.encode(t.prompt).ids for t in tasks]
 
     def right(outputs: list[list[int]]) -> float:
-        texts = [tok.decode([t for t in ids if t != eos]) for ids in outputs]
-        return sum(is_exact(task, text) for task, text in zip(tasks, texts)) / len(tasks)
+        return exact_match(tasks, outputs, tok.decode, eos)
 
     # as serving_throughput: block-diffusion budgets end on a block boundary, AR stops at EOS within the budget
     budgets = {"cap": [(p, block_aligned_budget(len(p), MAX_ANSWER_TOKENS, 32)) for p in prompts],
