@@ -1,0 +1,181 @@
+"""How many PyTorch operators one denoising forward runs, on SGLang's server and in the reference decoder, and how much
+of the forward's time is inside them (issue #16 item 2: name what a forward costs beyond its arithmetic).
+
+The `cap` model `make demo` trains gets the first `REQUESTS` held-out task instances one at a time at threshold 1.0
+(a forward for every position of a block): in the reference decoder under `torch.profiler`, each model call marked,
+and on SGLang's server under SGLang's own profiler (`/start_profile`, `SGLANG_TORCH_PROFILER_DIR`, CPU activities,
+Python frames). A forward is the reference's model call, or the outermost frame of SGLang's model file (its
+`ForCausalLM.forward`, the LM head included, as in the reference). Per forward: the top-level operator calls (those no
+other operator called), the CPU ms inside them, the forward's wall under the profiler, and the operators that took
+the most time (every operator's calls in the JSON). Both profiles record Python frames (`with_stack`), whose cost the
+profiler adds to every Python call and operator, so the walls are inflated alike: compare the walls with each other,
+not with a run without the profiler. Accuracy is exact match of each stack's outputs. vLLM is not profiled here: its
+cost per forward was within 1.1x of the reference's at one request in `benchmarks.step_breakdown`'s runs.
+
+    make demo   # once: trains runs/nemo/cap/hf
+    $(python3 tools/envs.py --path core) -m benchmarks.operator_count
+
+Writes results/operator_count.json (about 4 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.serving_throughput import RESULTS, STACKS, exact_match
+from blockdiff_demo.evaluate import MAX_ANSWER_TOKENS, block_aligned_budget
+from drivers.servers import free_port, running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUESTS, THRESHOLD = 20, 1.0
+FORWARD_MARK = "model forward"  # the reference's model calls, as a profiler annotation
+SGLANG_MODEL_FILES = "sglang/srt/models/"
+
+
+def forward_operators(events: list[dict], is_forward: Callable[[dict], bool]) -> dict:
+    """From a Chrome trace's complete events: the forwards (outermost events `is_forward` accepts), and the operator
+    calls made inside them that no other operator made, with the time inside those."""
+    by_thread = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X":
+            by_thread[(e["pid"], e["tid"])].append(e)
+    forwards, forward_us, calls, operator_us = 0, 0.0, Counter(), Counter()
+    for thread in by_thread.values():
+        thread.sort(key=lambda e: (e["ts"], -e["dur"]))  # an enclosing event before the events it encloses
+        stack: list[dict] = []
+        for e in thread:
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+                stack.pop()
+            in_forward = any(is_forward(s) for s in stack)
+            if is_forward(e) and not in_forward:
+                forwards, forward_us = forwards + 1, forward_us + e["dur"]
+            elif e.get("cat") == "cpu_op" and in_forward and not any(s.get("cat") == "cpu_op" for s in stack):
+                calls[e["name"]] += 1
+                operator_us[e["name"]] += e["dur"]
+            stack.append(e)
+    if not forwards:
+        raise SystemExit("the trace holds no model forward")
+    return {"forwards": forwards, "operator_calls": sum(calls.values()) / forwards,
+            "operator_ms": sum(operator_us.values()) / 1e3 / forwards, "forward_ms": forward_us / 1e3 / forwards,
+            "slowest": {name: {"ms": us / 1e3 / forwards, "calls": calls[name] / forwards}
+                        for name, us in operator_us.most_common(6)},
+            "calls": {name: n / forwards for name, n in calls.most_common()}}
+
+
+def reference_trace(model: Path, requests: list[tuple[list[int], int]], out: Path
+                    ) -> tuple[list[dict], list[list[int]]]:
+    """The reference decoder's profile over `requests`, and its outputs."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from blockdiff.decoding import DecodeParams, ReferenceDecoder
+    from blockdiff.models import BlockDiffusionSettings, load_model
+
+    net, cfg = load_model(model)
+    net.eval()
+
+    class Marked:
+        def __call__(self, *args, **kwargs):
+            with record_function(FORWARD_MARK):
+                return net(*args, **kwargs)
+
+        def new_cache(self, *args, **kwargs):
+            return net.new_cache(*args, **kwargs)
+
+    settings = BlockDiffusionSettings.from_config(cfg)
+    decoder = ReferenceDecoder(Marked(), settings.mask_token_id, settings.eos_token_ids)
+
+    def decode_all() -> list[list[int]]:
+        return [decoder.generate([prompt], [DecodeParams(budget, settings.block_size, THRESHOLD)])[0].tokens
+                for prompt, budget in requests]
+
+    with torch.inference_mode():
+        decode_all()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:  # as SGLang's profiler
+            outputs = decode_all()
+    prof.export_chrome_trace(str(out))
+    return json.loads(out.read_text())["traceEvents"], outputs
+
+
+def sglang_trace(model: Path, requests: list[tuple[list[int], int]], out_dir: Path
+                 ) -> tuple[list[dict], list[list[int]]]:
+    """SGLang's profile of its scheduler over `requests` (its model runs there), and the server's outputs."""
+    command, send, env = STACKS["sglang"]
+    port = free_port()
+    log = RESULTS / "serving_logs" / "sglang-cap-operators.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.trace.json.gz"):
+        old.unlink()
+    with running_server(command(model, port, True), port, log, {**env, "SGLANG_TORCH_PROFILER_DIR": str(out_dir)},
+                        timeout=600) as url:
+        send(url, requests[0], True, THRESHOLD)  # warm-up
+        control(url, "/start_profile", {"activities": ["CPU"], "output_dir": str(out_dir)})
+        outputs = [send(url, request, True, THRESHOLD)[0] for request in requests]
+        control(url, "/stop_profile", {})
+        deadline = time.time() + 300  # SGLang writes the trace after answering
+        while time.time() < deadline:
+            for path in out_dir.glob("*.trace.json.gz"):
+                try:
+                    return json.loads(gzip.open(path).read())["traceEvents"], outputs
+                except (EOFError, OSError, json.JSONDecodeError):  # still being written
+                    pass
+            time.sleep(2)
+    raise SystemExit(f"SGLang wrote no profile to {out_dir} within 300 s (see {log})")
+
+
+def control(url: str, endpoint: str, body: dict) -> None:
+    request = urllib.request.Request(url + endpoint, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=300).read()
+
+
+def is_sglang_forward(event: dict) -> bool:
+    return event.get("cat") == "python_function" and SGLANG_MODEL_FILES in event["name"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where `make demo` wrote (default: runs/)")
+    args = parser.parse_args()
+    from blockdiff.text import EOS, load_tokenizer, special_id
+    from blockdiff_demo.corpus import held_out_tasks
+
+    model = args.runs / "nemo/cap/hf"
+    if not (model / "config.json").exists():
+        raise SystemExit(f"{model} does not exist: run `make demo` first")
+    tok = load_tokenizer(model)
+    eos = special_id(tok, EOS)
+    tasks = held_out_tasks()[:REQUESTS]
+    prompts = [tok.encode(t.prompt).ids for t in tasks]
+
+    requests = [(p, block_aligned_budget(len(p), MAX_ANSWER_TOKENS, 32)) for p in prompts]
+    traces = RESULTS / "operator_traces"
+    traces.mkdir(parents=True, exist_ok=True)
+    reference_events, reference_outputs = reference_trace(model, requests, traces / "reference.json")
+    sglang_events, sglang_outputs = sglang_trace(model, requests, traces / "sglang")
+    rows = {"reference": {"accuracy": exact_match(tasks, reference_outputs, tok.decode, eos), **forward_operators(
+                reference_events, lambda e: e.get("cat") == "user_annotation" and e["name"] == FORWARD_MARK)},
+            "SGLang": {"accuracy": exact_match(tasks, sglang_outputs, tok.decode, eos), **forward_operators(sglang_events, is_sglang_forward)}}
+    print(f"the first {REQUESTS} held-out requests one at a time, threshold {THRESHOLD}; per model forward:")
+    print("| stack | accuracy | forwards | operator calls | CPU ms in operators | forward ms under the profiler | "
+          "slowest operators: ms (calls) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for stack, r in rows.items():
+        most = ", ".join(f"{name.removeprefix('aten::')} {o['ms']:.2f} ({o['calls']:.0f})"
+                         for name, o in r["slowest"].items())
+        print(f"| {stack} | {r['accuracy']:.1%} | {r['forwards']} | {r['operator_calls']:.0f} | {r['operator_ms']:.2f} | "
+              f"{r['forward_ms']:.2f} | {most} |")
+    (RESULTS / "operator_count.json").write_text(json.dumps(
+        {"model": str(model), "requests": f"the first {REQUESTS} held-out task instances", "threshold": THRESHOLD,
+         "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
