@@ -136,6 +136,10 @@ def control(url: str, endpoint: str, body: dict) -> None:
     urllib.request.urlopen(request, timeout=300).read()
 
 
+def is_reference_forward(event: dict) -> bool:
+    return event.get("cat") == "user_annotation" and event["name"] == FORWARD_MARK
+
+
 def is_sglang_forward(event: dict) -> bool:
     return event.get("cat") == "python_function" and SGLANG_MODEL_FILES in event["name"]
 
@@ -154,15 +158,15 @@ def main() -> None:
     eos = special_id(tok, EOS)
     tasks = held_out_tasks()[:REQUESTS]
     prompts = [tok.encode(t.prompt).ids for t in tasks]
-
     requests = [(p, block_aligned_budget(len(p), MAX_ANSWER_TOKENS, 32)) for p in prompts]
     traces = RESULTS / "operator_traces"
     traces.mkdir(parents=True, exist_ok=True)
-    reference_events, reference_outputs = reference_trace(model, requests, traces / "reference.json")
-    sglang_events, sglang_outputs = sglang_trace(model, requests, traces / "sglang")
-    rows = {"reference": {"accuracy": exact_match(tasks, reference_outputs, tok.decode, eos), **forward_operators(
-                reference_events, lambda e: e.get("cat") == "user_annotation" and e["name"] == FORWARD_MARK)},
-            "SGLang": {"accuracy": exact_match(tasks, sglang_outputs, tok.decode, eos), **forward_operators(sglang_events, is_sglang_forward)}}
+    rows = {}
+    for stack, (events, outputs), is_forward in [
+            ("reference", reference_trace(model, requests, traces / "reference.json"), is_reference_forward),
+            ("SGLang", sglang_trace(model, requests, traces / "sglang"), is_sglang_forward)]:
+        rows[stack] = {"accuracy": exact_match(tasks, outputs, tok.decode, eos),
+                       **forward_operators(events, is_forward)}
     print(f"the first {REQUESTS} held-out requests one at a time, threshold {THRESHOLD}; per model forward:")
     print("| stack | accuracy | forwards | operator calls | CPU ms in operators | forward ms under the profiler | "
           "slowest operators: ms (calls) |")
@@ -170,8 +174,8 @@ def main() -> None:
     for stack, r in rows.items():
         most = ", ".join(f"{name.removeprefix('aten::')} {o['ms']:.2f} ({o['calls']:.0f})"
                          for name, o in r["slowest"].items())
-        print(f"| {stack} | {r['accuracy']:.1%} | {r['forwards']} | {r['operator_calls']:.0f} | {r['operator_ms']:.2f} | "
-              f"{r['forward_ms']:.2f} | {most} |")
+        print(f"| {stack} | {r['accuracy']:.1%} | {r['forwards']} | {r['operator_calls']:.0f} | "
+              f"{r['operator_ms']:.2f} | {r['forward_ms']:.2f} | {most} |")
     (RESULTS / "operator_count.json").write_text(json.dumps(
         {"model": str(model), "requests": f"the first {REQUESTS} held-out task instances", "threshold": THRESHOLD,
          "rows": rows}, indent=1))

@@ -4,7 +4,7 @@ operator."""
 
 import pytest
 
-from benchmarks.operator_count import forward_operators, is_sglang_forward
+from benchmarks.operator_count import FORWARD_MARK, forward_operators, is_reference_forward, is_sglang_forward
 
 MODEL = "sglang/srt/models/qwen3.py(602): forward"
 
@@ -34,6 +34,12 @@ def test_top_level_operators_inside_outermost_forwards_are_counted():
     assert got["operator_ms"] == pytest.approx((20 + 5 + 5 + 30) / 1e3 / 2)
     assert got["forward_ms"] == pytest.approx((100 + 50) / 1e3 / 2)
     assert got["slowest"]["aten::linear"] == {"ms": pytest.approx(0.025), "calls": 1.0}
+
+
+def test_the_reference_forward_is_its_marked_model_call():
+    trace = [event("user_annotation", FORWARD_MARK, 0, 10), event("cpu_op", "aten::linear", 2, 5),
+             event("user_annotation", "another mark", 20, 10), event("cpu_op", "aten::mul", 22, 5)]
+    assert forward_operators(trace, is_reference_forward)["calls"] == {"aten::linear": 1.0}
 
 
 def test_a_trace_without_a_forward_is_refused():
