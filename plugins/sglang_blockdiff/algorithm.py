@@ -84,6 +84,11 @@ def request_decoding(req, settings: BlockDiffusionSettings) -> RequestDecoding:
     return state
 
 
+def has_ended(req) -> bool:
+    """Aborted by SGLang or failed (`end_with_error`) and not yet gone from the batch: no more decoding."""
+    return req.to_finish is not None or req.finished()
+
+
 def end_with_error(req, error: Exception) -> None:
     """End one request with a 500 naming `error` at SGLang's next finish check; the server serves on."""
     logger.exception("block diffusion failed for request %s", req.rid, exc_info=error)
@@ -115,7 +120,7 @@ class BlockDiff(DllmAlgorithm):
         (`defer_block_kv`) gets that block's tokens, positions and KV slots ahead of its new block in its row, so
         this forward writes the finished block's final KV; `step` puts the batch back as SGLang laid it out."""
         for req in forward_batch.blockdiff_reqs:
-            if req.to_finish is not None or req.finished():  # ended: `step` lets it leave
+            if has_ended(req):  # `step` lets it leave
                 continue
             try:
                 request_decoding(req, self.settings).nfe += 1
@@ -155,7 +160,7 @@ class BlockDiff(DllmAlgorithm):
         ids = forward_batch.input_ids.view(bs, self.block_size)
         done = []
         for row, req in enumerate(forward_batch.blockdiff_reqs):
-            if req.to_finish is not None or req.finished():  # ended (aborted by SGLang, or failed): let it leave
+            if has_ended(req):  # let it leave
                 done.append(True)
                 continue
             try:
