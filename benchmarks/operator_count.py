@@ -6,11 +6,14 @@ The `cap` model `make demo` trains gets the first `REQUESTS` held-out task insta
 and on SGLang's server under SGLang's own profiler (`/start_profile`, `SGLANG_TORCH_PROFILER_DIR`, CPU activities,
 Python frames). A forward is the reference's model call, or the outermost frame of SGLang's model file (its
 `ForCausalLM.forward`, the LM head included, as in the reference). Per forward: the top-level operator calls (those no
-other operator called), the CPU ms inside them, the forward's wall under the profiler, and the operators that took
-the most time (every operator's calls in the JSON). Both profiles record Python frames (`with_stack`), whose cost the
-profiler adds to every Python call and operator, so the walls are inflated alike: compare the walls with each other,
-not with a run without the profiler. Accuracy is exact match of each stack's outputs. vLLM is not profiled here: its
-cost per forward was within 1.1x of the reference's at one request in `benchmarks.step_breakdown`'s runs.
+other operator called), the CPU ms inside them, the forward's wall under the profiler, the operators that took the
+most time (every operator's calls in the JSON); and the time inside the layers' attention with its KV-cache write
+and read, with the top-level operator calls made there and their time (`REFERENCE_PARTS`, `SGLANG_PARTS`; on SGLang
+also inside the plugin's own attention hook, which runs within SGLang's attention). Both profiles record Python
+frames (`with_stack`), whose cost the profiler adds to every Python call and operator, so the walls are inflated
+alike: compare the walls with each other, not with a run without the profiler. Accuracy is exact match of each
+stack's outputs. vLLM is not profiled here: its cost per forward was within 1.1x of the reference's at one request in
+`benchmarks.step_breakdown`'s runs.
 
     make demo   # once: trains runs/nemo/cap/hf
     $(python3 tools/envs.py --path core) -m benchmarks.operator_count
@@ -39,14 +42,18 @@ FORWARD_MARK = "model forward"  # the reference's model calls, as a profiler ann
 SGLANG_MODEL_FILES = "sglang/srt/models/"
 
 
-def forward_operators(events: list[dict], is_forward: Callable[[dict], bool]) -> dict:
-    """From a Chrome trace's complete events: the forwards (outermost events `is_forward` accepts), and the operator
-    calls made inside them that no other operator made, with the time inside those."""
+def forward_operators(events: list[dict], is_forward: Callable[[dict], bool],
+                      parts: dict[str, Callable[[dict], bool]]) -> dict:
+    """From a Chrome trace's complete events: the forwards (outermost events `is_forward` accepts), the operator
+    calls made inside them that no other operator made, with the time inside those, and for each of `parts` (events
+    a predicate accepts, such as a layer's attention) the time inside its outermost events and the top-level operator
+    calls made inside them, with their time (also by operator)."""
     by_thread = defaultdict(list)
     for e in events:
         if e.get("ph") == "X":
             by_thread[(e["pid"], e["tid"])].append(e)
     forwards, forward_us, calls, operator_us = 0, 0.0, Counter(), Counter()
+    part_us, part_calls, part_operator_us = Counter(), defaultdict(Counter), defaultdict(Counter)
     for thread in by_thread.values():
         thread.sort(key=lambda e: (e["ts"], -e["dur"]))  # an enclosing event before the events it encloses
         stack: list[dict] = []
@@ -54,16 +61,29 @@ def forward_operators(events: list[dict], is_forward: Callable[[dict], bool]) ->
             while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
                 stack.pop()
             in_forward = any(is_forward(s) for s in stack)
+            in_parts = [name for name, is_part in parts.items() if any(is_part(s) for s in stack)]
             if is_forward(e) and not in_forward:
                 forwards, forward_us = forwards + 1, forward_us + e["dur"]
             elif e.get("cat") == "cpu_op" and in_forward and not any(s.get("cat") == "cpu_op" for s in stack):
                 calls[e["name"]] += 1
                 operator_us[e["name"]] += e["dur"]
+                for name in in_parts:
+                    part_calls[name][e["name"]] += 1
+                    part_operator_us[name][e["name"]] += e["dur"]
+            if in_forward:
+                part_us.update({name: e["dur"] for name, is_part in parts.items()
+                                if is_part(e) and name not in in_parts})
             stack.append(e)
     if not forwards:
         raise SystemExit("the trace holds no model forward")
     return {"forwards": forwards, "operator_calls": sum(calls.values()) / forwards,
             "operator_ms": sum(operator_us.values()) / 1e3 / forwards, "forward_ms": forward_us / 1e3 / forwards,
+            "parts": {name: {"ms": part_us[name] / 1e3 / forwards,
+                             "operator_calls": sum(part_calls[name].values()) / forwards,
+                             "operator_ms": sum(part_operator_us[name].values()) / 1e3 / forwards,
+                             "operators": {op: {"ms": us / 1e3 / forwards, "calls": part_calls[name][op] / forwards}
+                                           for op, us in part_operator_us[name].most_common()}}
+                      for name in parts},
             "slowest": {name: {"ms": us / 1e3 / forwards, "calls": calls[name] / forwards}
                         for name, us in operator_us.most_common(6)},
             "calls": {name: n / forwards for name, n in calls.most_common()}}
@@ -144,6 +164,29 @@ def is_sglang_forward(event: dict) -> bool:
     return event.get("cat") == "python_function" and SGLANG_MODEL_FILES in event["name"]
 
 
+def frame(file: str, function: str) -> Callable[[dict], bool]:
+    """A Python frame of `function` in a file whose path ends with `file` (the profiler names it
+    `path(line): function`)."""
+    def is_frame(event: dict) -> bool:
+        name = event["name"]
+        return event.get("cat") == "python_function" and name.endswith(f"): {function}") and f"{file}(" in name
+    return is_frame
+
+
+def any_of(*predicates: Callable[[dict], bool]) -> Callable[[dict], bool]:
+    return lambda event: any(p(event) for p in predicates)
+
+
+# Each layer's attention with its KV-cache write and read: the reference's cache update and attention function,
+# SGLang's RadixAttention (its pool write, its torch-native backend and, inside that, the plugin's hook).
+ATTENTION = "attention with its KV cache"
+PLUGIN_HOOK = "the plugin's attention hook"
+REFERENCE_PARTS = {ATTENTION: any_of(frame("blockdiff/models/layers.py", "update"),
+                                     frame("blockdiff/models/layers.py", "attention"))}
+SGLANG_PARTS = {ATTENTION: frame("sglang/srt/layers/radix_attention.py", "forward"),
+                PLUGIN_HOOK: frame("sglang_blockdiff/hooks.py", "attend_from_extend_tokens_only")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where `make demo` wrote (default: runs/)")
@@ -162,11 +205,12 @@ def main() -> None:
     traces = RESULTS / "operator_traces"
     traces.mkdir(parents=True, exist_ok=True)
     rows = {}
-    for stack, (events, outputs), is_forward in [
-            ("reference", reference_trace(model, requests, traces / "reference.json"), is_reference_forward),
-            ("SGLang", sglang_trace(model, requests, traces / "sglang"), is_sglang_forward)]:
+    for stack, (events, outputs), is_forward, parts in [
+            ("reference", reference_trace(model, requests, traces / "reference.json"), is_reference_forward,
+             REFERENCE_PARTS),
+            ("SGLang", sglang_trace(model, requests, traces / "sglang"), is_sglang_forward, SGLANG_PARTS)]:
         rows[stack] = {"accuracy": exact_match(tasks, outputs, tok.decode, eos),
-                       **forward_operators(events, is_forward)}
+                       **forward_operators(events, is_forward, parts)}
     print(f"the first {REQUESTS} held-out requests one at a time, threshold {THRESHOLD}; per model forward:")
     print("| stack | accuracy | forwards | operator calls | CPU ms in operators | forward ms under the profiler | "
           "slowest operators: ms (calls) |")
@@ -176,6 +220,13 @@ def main() -> None:
                          for name, o in r["slowest"].items())
         print(f"| {stack} | {r['accuracy']:.1%} | {r['forwards']} | {r['operator_calls']:.0f} | "
               f"{r['operator_ms']:.2f} | {r['forward_ms']:.2f} | {most} |")
+    print("\n| stack | part of the forward | ms under the profiler | operator calls | CPU ms in operators | "
+          "operators: ms (calls) |\n|---|---|---:|---:|---:|---|")
+    for stack, r in rows.items():
+        for part, o in r["parts"].items():
+            most = ", ".join(f"{name.removeprefix('aten::')} {p['ms']:.3f} ({p['calls']:.0f})"
+                             for name, p in o["operators"].items())
+            print(f"| {stack} | {part} | {o['ms']:.2f} | {o['operator_calls']:.0f} | {o['operator_ms']:.2f} | {most} |")
     (RESULTS / "operator_count.json").write_text(json.dumps(
         {"model": str(model), "requests": f"the first {REQUESTS} held-out task instances", "threshold": THRESHOLD,
          "rows": rows}, indent=1))
