@@ -234,12 +234,13 @@ def attend_from_extend_tokens_only(original, backend, query, output, k_cache, v_
                         causal=causal, is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
     from torch.nn.functional import scaled_dot_product_attention
 
-    heads_first = query.movedim(0, 1)  # [heads, tokens, head_size]
+    heads_first = query.transpose(0, 1)  # [heads, tokens, head_size]
     block = getattr(backend, "extend_block_size", None)
     start = 0
     for pool_index, kv_len, q_len in zip(req_pool_indices.tolist(), seq_lens.tolist(), extend_seq_lens.tolist()):
         slots = req_to_token[pool_index, :kv_len]
-        key, value = k_cache[slots].movedim(0, 1), v_cache[slots].movedim(0, 1)
+        # index_select and transpose: the same values as indexing and movedim, in fewer and cheaper operator calls
+        key, value = k_cache.index_select(0, slots).transpose(0, 1), v_cache.index_select(0, slots).transpose(0, 1)
         if key.dtype != query.dtype:  # as SGLang: sdpa wants one dtype
             key, value = key.to(query.dtype), value.to(query.dtype)
         prefix_len, step = kv_len - q_len, block or max(q_len, 1)
@@ -248,6 +249,6 @@ def attend_from_extend_tokens_only(original, backend, query, output, k_cache, v_
             attended = scaled_dot_product_attention(heads_first[None, :, start + lo:start + hi],
                                                     key[None, :, :prefix_len + hi], value[None, :, :prefix_len + hi],
                                                     scale=scaling, enable_gqa=enable_gqa)
-            output[start + lo:start + hi] = attended[0].movedim(1, 0)
+            output[start + lo:start + hi] = attended[0].transpose(0, 1)
         start += q_len
     return output
