@@ -239,7 +239,7 @@ def attend_from_extend_tokens_only(original, backend, query, output, k_cache, v_
     start = 0
     for pool_index, kv_len, q_len in zip(req_pool_indices.tolist(), seq_lens.tolist(), extend_seq_lens.tolist()):
         slots = req_to_token[pool_index, :kv_len]
-        # index_select and transpose: the same values as indexing and movedim, in fewer and cheaper operator calls
+        # index_select and transpose: the same values as indexing and movedim, in cheaper operator calls
         key, value = k_cache.index_select(0, slots).transpose(0, 1), v_cache.index_select(0, slots).transpose(0, 1)
         if key.dtype != query.dtype:  # as SGLang: sdpa wants one dtype
             key, value = key.to(query.dtype), value.to(query.dtype)
