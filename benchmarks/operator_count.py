@@ -61,7 +61,7 @@ def forward_operators(events: list[dict], is_forward: Callable[[dict], bool],
             while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
                 stack.pop()
             in_forward = any(is_forward(s) for s in stack)
-            in_parts = [name for name, is_part in parts.items() if any(is_part(s) for s in stack)]
+            in_parts = [name for name, is_part in parts.items() if any(is_part(s) for s in stack)] if in_forward else []
             if is_forward(e) and not in_forward:
                 forwards, forward_us = forwards + 1, forward_us + e["dur"]
             elif e.get("cat") == "cpu_op" and in_forward and not any(s.get("cat") == "cpu_op" for s in stack):
@@ -76,16 +76,18 @@ def forward_operators(events: list[dict], is_forward: Callable[[dict], bool],
             stack.append(e)
     if not forwards:
         raise SystemExit("the trace holds no model forward")
+
+    def by_operator(calls: Counter, us: Counter, most: int | None = None) -> dict:
+        return {name: {"ms": t / 1e3 / forwards, "calls": calls[name] / forwards} for name, t in us.most_common(most)}
+
     return {"forwards": forwards, "operator_calls": sum(calls.values()) / forwards,
             "operator_ms": sum(operator_us.values()) / 1e3 / forwards, "forward_ms": forward_us / 1e3 / forwards,
             "parts": {name: {"ms": part_us[name] / 1e3 / forwards,
                              "operator_calls": sum(part_calls[name].values()) / forwards,
                              "operator_ms": sum(part_operator_us[name].values()) / 1e3 / forwards,
-                             "operators": {op: {"ms": us / 1e3 / forwards, "calls": part_calls[name][op] / forwards}
-                                           for op, us in part_operator_us[name].most_common()}}
+                             "operators": by_operator(part_calls[name], part_operator_us[name])}
                       for name in parts},
-            "slowest": {name: {"ms": us / 1e3 / forwards, "calls": calls[name] / forwards}
-                        for name, us in operator_us.most_common(6)},
+            "slowest": by_operator(calls, operator_us, 6),
             "calls": {name: n / forwards for name, n in calls.most_common()}}
 
 
@@ -164,25 +166,21 @@ def is_sglang_forward(event: dict) -> bool:
     return event.get("cat") == "python_function" and SGLANG_MODEL_FILES in event["name"]
 
 
-def frame(file: str, function: str) -> Callable[[dict], bool]:
-    """A Python frame of `function` in a file whose path ends with `file` (the profiler names it
+def frame(file: str, *functions: str) -> Callable[[dict], bool]:
+    """A Python frame of any of `functions` in a file whose path ends with `file` (the profiler names it
     `path(line): function`)."""
     def is_frame(event: dict) -> bool:
         name = event["name"]
-        return event.get("cat") == "python_function" and name.endswith(f"): {function}") and f"{file}(" in name
+        return (event.get("cat") == "python_function" and f"{file}(" in name
+                and any(name.endswith(f"): {function}") for function in functions))
     return is_frame
-
-
-def any_of(*predicates: Callable[[dict], bool]) -> Callable[[dict], bool]:
-    return lambda event: any(p(event) for p in predicates)
 
 
 # Each layer's attention with its KV-cache write and read: the reference's cache update and attention function,
 # SGLang's RadixAttention (its pool write, its torch-native backend and, inside that, the plugin's hook).
 ATTENTION = "attention with its KV cache"
 PLUGIN_HOOK = "the plugin's attention hook"
-REFERENCE_PARTS = {ATTENTION: any_of(frame("blockdiff/models/layers.py", "update"),
-                                     frame("blockdiff/models/layers.py", "attention"))}
+REFERENCE_PARTS = {ATTENTION: frame("blockdiff/models/layers.py", "update", "attention")}
 SGLANG_PARTS = {ATTENTION: frame("sglang/srt/layers/radix_attention.py", "forward"),
                 PLUGIN_HOOK: frame("sglang_blockdiff/hooks.py", "attend_from_extend_tokens_only")}
 
