@@ -12,6 +12,14 @@ its final KV, a forward of its own. EOS and max_tokens are SGLang's own finish c
 exactly where rule 6 does. A block that ends its request needs no such forward (as in the reference decoder, the last
 block gets none): `hooks.drop_stale_block_kv` gives its KV back to the pool instead of SGLang's radix cache.
 
+Under SGLang's first-done-first-out scheduling (its default) a scheduler step runs one forward, and everything SGLang
+does around it (scheduling, the batch's preparation, result processing) is paid again for each denoising step. `run`
+denoises on inside the step instead: while no block of the batch is done, it runs the next forward on the same batch,
+whose rows address the same positions and KV slots, as SGLang's own synchronous scheduling does; at the first block
+that is done the step returns as SGLang's FDFO step would. Each forward is still one denoising step (counted so); the
+price is that a request arriving meanwhile waits for the step to end (at most one block's denoising). `denoise_loop:
+false` in `--dllm-algorithm-config` keeps one forward per scheduler step.
+
 This code runs in SGLang's scheduler process, where an exception ends the whole server: whatever goes wrong with one
 request's step ends that request with a 500 naming the error, and the batch goes on.
 """
@@ -36,6 +44,7 @@ from sglang_blockdiff.validation import settings_of, temperature, user_overrides
 NAME = "BlockDiff"  # as in --dllm-algorithm
 RECORD_ENV = "SGLANG_BLOCKDIFF_RECORD"  # a directory: every denoising step's inputs and logits, to verify them
 FUSE_COMMIT = "fuse_commit"  # --dllm-algorithm-config key: false gives each finished block's KV a forward of its own
+DENOISE_LOOP = "denoise_loop"  # --dllm-algorithm-config key: false runs one forward per scheduler step
 # the ForwardBatch fields a fused forward lays out anew (one row per request, a finished block ahead of the new one)
 FUSED_FIELDS = ("input_ids", "positions", "out_cache_loc", "extend_prefix_lens", "extend_prefix_lens_cpu",
                 "extend_seq_lens", "extend_seq_lens_cpu", "extend_start_loc", "extend_num_tokens",
@@ -102,9 +111,9 @@ class BlockDiff(DllmAlgorithm):
         self.settings = settings_of(config)
         self.records = Path(os.environ[RECORD_ENV]) if os.environ.get(RECORD_ENV) else None
         self.recorded = 0
-        self.fuse_commit = config.algorithm_config.get(FUSE_COMMIT, True)
-        if not isinstance(self.fuse_commit, bool):
-            raise ValueError(f"--dllm-algorithm-config {FUSE_COMMIT}: {self.fuse_commit!r} is not true or false")
+        self.fuse_commit = _flag(config.algorithm_config, FUSE_COMMIT)
+        self.denoise_loop = _flag(config.algorithm_config, DENOISE_LOOP)
+        self.forward_in_step = 0  # 0 for a scheduler step's first forward, then 1, 2, ... in `run`'s loop (recorded)
 
     @classmethod
     def validate_request(cls, req) -> str | None:
@@ -113,6 +122,24 @@ class BlockDiff(DllmAlgorithm):
         except Exception as e:  # noqa: BLE001 - a request must never take the scheduler down
             logger.exception("validating request %s failed", req.rid)
             return f"the request could not be validated for block diffusion: {type(e).__name__}: {e}"
+
+    def run(self, model_runner, forward_batch, algo_states=None):
+        """SGLang's FDFO step, its forwards repeated until a block is done (`denoise_loop`); otherwise SGLang's."""
+        self.forward_in_step = 0
+        if not (self.fdfo and self.denoise_loop):
+            return super().run(model_runner, forward_batch, algo_states)
+        states = [None] * forward_batch.batch_size  # this algorithm keeps its state on the requests
+        for forward in range(self.max_steps(self.block_size)):  # each forward commits a token or more
+            self.forward_in_step = forward
+            self.prepare_inputs(model_runner, forward_batch, states)
+            out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
+            done = self.step(forward_batch, out.logits_output.full_logits, states)
+            if any(done):
+                break
+        # as SGLang's FDFO step returns them: each row's block, all of it accepted where done, none where not (the
+        # scheduler keeps those blocks for the request's next step)
+        return (out.logits_output, forward_batch.input_ids.view(forward_batch.batch_size, self.block_size).tolist(),
+                [self.block_size if d else 0 for d in done], states, out.can_run_graph)
 
     def prepare_inputs(self, model_runner, forward_batch, states: list) -> None:
         """Before a forward: each request's forward is counted (here, as SGLang's synchronous rounds skip `step`
@@ -201,9 +228,17 @@ class BlockDiff(DllmAlgorithm):
         """One file per step in the records directory: the tokens before the block, the block as this forward saw it
         and the logits the step proposes from (the scheduler process cannot hand them back any other way)."""
         context = (req.origin_input_ids + req.output_ids)[:req.dllm_block_offset]
-        torch.save({"context": list(context), "block": block.tolist(), "logits": logits.float().cpu().clone()},
+        torch.save({"context": list(context), "block": block.tolist(), "logits": logits.float().cpu().clone(),
+                    "forward_in_step": self.forward_in_step},
                    self.records / f"{os.getpid()}-{self.recorded}.pt")
         self.recorded += 1
+
+
+def _flag(algorithm_config: dict, key: str) -> bool:
+    value = algorithm_config.get(key, True)
+    if not isinstance(value, bool):
+        raise ValueError(f"--dllm-algorithm-config {key}: {value!r} is not true or false")
+    return value
 
 
 def lay_out_finished_blocks(batch, finished: dict[int, int], req_to_token: torch.Tensor,

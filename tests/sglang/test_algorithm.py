@@ -1,6 +1,7 @@
 """The fused commit forward in the SGLang algorithm, on SGLang-shaped stand-ins for one request: the block done at
 its last commit stays out of the radix cache until the next forward, whose row carries it ahead of the new block and
-whose new block's logits alone reach the step. The served tokens are tested in test_blockdiff.py."""
+whose new block's logits alone reach the step; and the denoising loop inside a scheduler step. The served tokens are
+tested in test_blockdiff.py."""
 
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
 from blockdiff.serving import BlockDiffusionSettings
-from sglang_blockdiff.algorithm import FUSE_COMMIT, BlockDiff
+from sglang_blockdiff.algorithm import DENOISE_LOOP, FUSE_COMMIT, BlockDiff
 
 BLOCK, MASK, VOCAB = 4, 1, 16
 
@@ -84,6 +85,35 @@ def test_fuse_commit_false_waits_for_the_forward_that_writes_the_block():
     assert algo.step(batch, favouring(9, BLOCK), [None]) == [True]
 
 
-def test_a_fuse_commit_that_is_not_a_boolean_is_refused_by_name():
-    with pytest.raises(ValueError, match="fuse_commit: 'yes' is not true or false"):
-        algorithm(**{FUSE_COMMIT: "yes"})
+@pytest.mark.parametrize("key", [FUSE_COMMIT, DENOISE_LOOP])
+def test_a_flag_that_is_not_a_boolean_is_refused_by_name(key):
+    with pytest.raises(ValueError, match=f"{key}: 'yes' is not true or false"):
+        algorithm(**{key: "yes"})
+
+
+class OneTokenPerForward:
+    """A model runner whose every forward makes the first masked position of the block confident (token 9)."""
+
+    def __init__(self) -> None:
+        self.attn_backend = object.__new__(TorchNativeAttnBackend)
+        self.req_to_token_pool = SimpleNamespace(req_to_token=torch.arange(64)[None] + 100)
+        self.forwards = 0
+
+    def forward(self, batch, pp_proxy_tensors=None) -> SimpleNamespace:
+        self.forwards += 1
+        logits = torch.zeros(len(batch.input_ids), VOCAB)
+        logits[int((batch.input_ids == MASK).nonzero()[0]), 9] = 20.0
+        return SimpleNamespace(logits_output=SimpleNamespace(full_logits=logits), can_run_graph=False)
+
+
+@pytest.mark.parametrize("loop", [True, False])
+def test_a_scheduler_step_denoises_on_until_a_block_is_done(loop):
+    algo, req, runner = algorithm(**{DENOISE_LOOP: loop}), request(False), OneTokenPerForward()
+    batch = next_block(req, 4)
+    _, blocks, accepted, states, _ = algo.run(runner, batch, [None])
+    if loop:  # one step: four forwards, each a denoising step, the block done at the last
+        assert (runner.forwards, accepted, blocks) == (BLOCK, [BLOCK], [[9] * BLOCK])
+    else:  # SGLang's FDFO step: one forward, the block kept for the request's next step
+        assert (runner.forwards, accepted, blocks) == (1, [0], [[9] + [MASK] * (BLOCK - 1)])
+    assert states == [None]
+    assert req.blockdiff.nfe == req.blockdiff.denoise_forwards == runner.forwards
