@@ -22,12 +22,12 @@ on every stack (conformance), so a stack's wall against the reference's is the r
 vLLM server with `--distributed-executor-backend uni`: the model runs in the engine-core process, without the worker
 process and the shared-memory queue vLLM's default puts between them. `vllm-step` is the vLLM server with the plugin's
 in-step denoising loop off (`VLLM_BLOCKDIFF_DENOISE_LOOP=0`: one denoising forward per engine step), on the `cap` model
-only (its AR path is `vllm`'s). Not run unless named: `sglang-sync`, SGLang with its synchronous block scheduling
-(`--no-dllm-fdfo`; `cap` only), and `sglang-core0`, SGLang with its threads bound to core 0
-(`SGLANG_CPU_OMP_THREADS_BIND=0`).
+only (its AR path is `vllm`'s); `sglang-step` the same for SGLang (`denoise_loop: false`: one denoising forward per
+scheduler step). Not run unless named: `sglang-sync`, SGLang with its synchronous block scheduling (`--no-dllm-fdfo`;
+`cap` only), and `sglang-core0`, SGLang with its threads bound to core 0 (`SGLANG_CPU_OMP_THREADS_BIND=0`).
 
     make demo   # once: trains runs/demo/ar-base and runs/nemo/cap/hf
-    $(python3 tools/envs.py --path core) -m benchmarks.step_breakdown [--stacks vllm,vllm-step,vllm-uni,sglang]
+    $(python3 tools/envs.py --path core) -m benchmarks.step_breakdown [--stacks vllm,vllm-step,vllm-uni,sglang,...]
 
 Writes results/step_breakdown.json (19 minutes with `--stacks vllm,vllm-step,sglang`). Needs py-spy (the
 core env's `bench` extra).
@@ -94,11 +94,20 @@ def sglang_sync_command(model: Path, port: int, block_diffusion: bool) -> list[s
     return [*sglang_command(model, port, block_diffusion), "--no-dllm-fdfo"]
 
 
+def sglang_step_command(model: Path, port: int, block_diffusion: bool) -> list[str]:
+    config = RESULTS / "serving_logs" / "sglang-step.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("denoise_loop: false\n")
+    return [*sglang_command(model, port, block_diffusion), "--dllm-algorithm-config", str(config)]
+
+
 SERVERS = {**STACKS, "vllm-uni": (vllm_uni_command, *STACKS["vllm"][1:]),
            "vllm-step": (*STACKS["vllm"][:2], {**STACKS["vllm"][2], DENOISE_LOOP_ENV: "0"}),
            "sglang-sync": (sglang_sync_command, *STACKS["sglang"][1:]),
+           "sglang-step": (sglang_step_command, *STACKS["sglang"][1:]),
            "sglang-core0": (*STACKS["sglang"][:2], {**STACKS["sglang"][2], "SGLANG_CPU_OMP_THREADS_BIND": "0"})}
-BLOCK_DIFFUSION_ONLY = {"vllm-step", "sglang-sync"}  # stacks that differ from another only in block diffusion
+# stacks that differ from another only in block diffusion
+BLOCK_DIFFUSION_ONLY = {"vllm-step", "sglang-sync", "sglang-step"}
 
 
 def samples(raw: str) -> Iterator[tuple[str, int]]:
@@ -256,7 +265,7 @@ def median_of_repeats(measure: Callable[[], dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where `make demo` wrote (default: runs/)")
-    parser.add_argument("--stacks", default="vllm,vllm-step,vllm-uni,sglang", help=f"any of {', '.join(SERVERS)}")
+    parser.add_argument("--stacks", default="vllm,vllm-step,vllm-uni,sglang,sglang-step", help=f"any of {', '.join(SERVERS)}")
     args = parser.parse_args()
     from blockdiff.text import EOS, load_tokenizer, special_id
     from blockdiff_demo.corpus import held_out_tasks
