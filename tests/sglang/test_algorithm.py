@@ -92,7 +92,7 @@ def test_a_flag_that_is_not_a_boolean_is_refused_by_name(key):
 
 
 class OneTokenPerForward:
-    """A model runner whose every forward makes the first masked position of the block confident (token 9)."""
+    """A model runner whose every forward makes the first masked position of the block, if any, confident (token 9)."""
 
     def __init__(self) -> None:
         self.attn_backend = object.__new__(TorchNativeAttnBackend)
@@ -101,8 +101,9 @@ class OneTokenPerForward:
 
     def forward(self, batch, pp_proxy_tensors=None) -> SimpleNamespace:
         self.forwards += 1
-        logits = torch.zeros(len(batch.input_ids), VOCAB)
-        logits[int((batch.input_ids == MASK).nonzero()[0]), 9] = 20.0
+        logits, masked = torch.zeros(len(batch.input_ids), VOCAB), (batch.input_ids == MASK).nonzero()
+        if len(masked):
+            logits[int(masked[0]), 9] = 20.0
         return SimpleNamespace(logits_output=SimpleNamespace(full_logits=logits), can_run_graph=False)
 
 
@@ -117,3 +118,10 @@ def test_a_scheduler_step_denoises_on_until_a_block_is_done(loop):
         assert (runner.forwards, accepted, blocks) == (1, [0], [[9] + [MASK] * (BLOCK - 1)])
     assert states == [None]
     assert req.blockdiff.nfe == req.blockdiff.denoise_forwards == runner.forwards
+
+
+def test_unfused_the_loop_runs_the_forward_that_writes_the_block_and_ends_the_step_after_it():
+    algo, req, runner = algorithm(**{FUSE_COMMIT: False}), request(False), OneTokenPerForward()
+    _, blocks, accepted, _, _ = algo.run(runner, next_block(req, 4), [None])
+    assert (runner.forwards, accepted, blocks) == (BLOCK + 1, [BLOCK], [[9] * BLOCK])
+    assert (req.blockdiff.nfe, req.blockdiff.denoise_forwards) == (BLOCK + 1, BLOCK)
