@@ -59,7 +59,8 @@ def coverage(model_dir: Path) -> dict:
     out = {}
     for kind, where in (("answer", batch.masked & ~padding), ("padding", batch.masked & padding)):
         out[kind] = {"masked": int(where.sum()), "accuracy": float((right & where).sum() / where.sum()),
-                     "entropy": float(entropy[where].mean()), "entropy_when_right": float(entropy[right & where].mean())}
+                     "entropy": float(entropy[where].mean()),
+                     "entropy_when_right": float(entropy[right & where].mean())}
     out["padding_share_of_confidence_term"] = float((right & padding).sum() / right.sum())
     return out
 
@@ -83,7 +84,8 @@ def main() -> None:
             k = r[kind]
             print(f"{name:>6} {kind:>8} {k['masked']:>7} {k['accuracy']:>9.1%} {k['entropy']:>8.3f} "
                   f"{k['entropy_when_right']:>8.3f}")
-        print(f"{name:>6} padding share of the confidence term's positions {r['padding_share_of_confidence_term']:.1%}; "
+        print(f"{name:>6} padding share of the confidence term's positions "
+              f"{r['padding_share_of_confidence_term']:.1%}; "
               f"held-out outputs empty (EOS first): {r['empty_outputs']} of {r['outputs']}")
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results/cap_coverage.json").write_text(json.dumps(results, indent=1) + "\n")

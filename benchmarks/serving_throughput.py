@@ -206,7 +206,8 @@ def plot(results: list[dict]) -> None:
             mine = [r for r in results if r["stack"] == stack and r["model"] == model]
             if mine:
                 ax.errorbar([r["concurrency"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o",
-                            yerr=[[r["tokens_per_s"] - r["min"] for r in mine], [r["max"] - r["tokens_per_s"] for r in mine]],
+                            yerr=[[r["tokens_per_s"] - r["min"] for r in mine],
+                                  [r["max"] - r["tokens_per_s"] for r in mine]],
                             label=f"{model} ({mine[0]['accuracy']:.0%} right)", capsize=3)
         ax.set(title=stack, xlabel="concurrent requests", ylabel="output tokens/s", xscale="log")
         ax.legend()

@@ -265,7 +265,8 @@ def median_of_repeats(measure: Callable[[], dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where `make demo` wrote (default: runs/)")
-    parser.add_argument("--stacks", default="vllm,vllm-step,vllm-uni,sglang,sglang-step", help=f"any of {', '.join(SERVERS)}")
+    parser.add_argument("--stacks", default="vllm,vllm-step,vllm-uni,sglang,sglang-step",
+                        help=f"any of {', '.join(SERVERS)}")
     args = parser.parse_args()
     from blockdiff.text import EOS, load_tokenizer, special_id
     from blockdiff_demo.corpus import held_out_tasks

@@ -55,7 +55,8 @@ compiled_flex = torch.compile(flex_attention, dynamic=False)
 
 
 def mask_bytes(mask) -> int:
-    tensors = [mask] if isinstance(mask, torch.Tensor) else [t for t in vars(mask).values() if isinstance(t, torch.Tensor)]
+    tensors = [mask] if isinstance(mask, torch.Tensor) else \
+        [t for t in vars(mask).values() if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -117,7 +118,8 @@ def main() -> None:
                "flex": measure(flex_mask, flex_attention_step, doc_ids, reps)}
         d, f = row["dense"], row["flex"]
         # below a few MB the allocator reuses freed memory and the high-water mark does not move
-        row["attention_memory_ratio"] = f["attention_peak_mb"] / d["attention_peak_mb"] if d["attention_peak_mb"] else None
+        row["attention_memory_ratio"] = (f["attention_peak_mb"] / d["attention_peak_mb"] if d["attention_peak_mb"]
+                                         else None)
         row["attention_speedup"] = d["attention_s"] / f["attention_s"]
         rows.append(row)
         print(f"{length:>6}{2 * length:>9} | " + "  ".join(

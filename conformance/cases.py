@@ -222,7 +222,8 @@ def choose_eos(model: torch.nn.Module, block_size: int) -> int:
     probe = probe_request(block_size)
     params = DecodeParams(probe["max_tokens"], block_size, probe["threshold"])
     out = ReferenceDecoder(model, MASK, (EOS,)).generate([PROBE], params)[0].tokens
-    fresh = [i for i in range(len(out)) if out[i] not in out[:i] and out[i] > MASK and (len(PROBE) + i + 1) % block_size]
+    fresh = [i for i in range(len(out))
+             if out[i] not in out[:i] and out[i] > MASK and (len(PROBE) + i + 1) % block_size]
     if fresh:  # the latest one: the longest output that still ends inside a block
         return out[fresh[-1]]
     raise RuntimeError(f"no token to make an EOS in {out}")

@@ -8,7 +8,8 @@ positions as the reference committed them, the rest masked).
 
 The training section compares the Megatron-side losses with the core's (runners/training.py), within 1e-5.
 
-    python -m conformance.compare CASES.json REFERENCE.json [training=TRAINING.json] STACK=RECORDS.json ...   exit 1 on mismatch
+    python -m conformance.compare CASES.json REFERENCE.json [training=TRAINING.json] STACK=RECORDS.json ...
+    (exit 1 on mismatch)
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """lm-eval on every stack: the same tasks, the same outputs, the same scores, with the decoding cost beside them.
 
 The model is evaluated by lm-eval with `blockdiff` (the core's reference decoder, in this process), and against
-`blockdiff-vllm-serve` and SGLang with `--dllm-algorithm BlockDiff` through lm-eval's own OpenAI-compatible client
-three times: as `blockdiff-completions` (that client, keeping each response's accounting), as plain
-`local-completions` and as `local-chat-completions` on the expressions task sent as chat (the reference then renders
-the checkpoint's chat template itself; outputs and scores only). Each one's outputs must equal the reference's document by document (which makes every
-score equal); `blockdiff-completions`' cost metrics must be present, and where no stop string cuts an output
-(`until: []`) its TPF must equal the reference's too (a server may stop decoding at a stop string; the reference
-decodes on and cuts the text, as every lm-eval model does). NFE per token is shown, not
-compared: each stack splits or fuses its prefill and commit forwards its own way (conformance/README.md).
+`blockdiff-vllm-serve` and SGLang with `--dllm-algorithm BlockDiff` through lm-eval's own OpenAI-compatible client three
+times: as `blockdiff-completions` (that client, keeping each response's accounting), as plain `local-completions` and as
+`local-chat-completions` on the expressions task sent as chat (the reference then renders the checkpoint's chat template
+itself; outputs and scores only). Each one's outputs must equal the reference's document by document (which makes every
+score equal); `blockdiff-completions`' cost metrics must be present, and where no stop string cuts an output (`until:
+[]`) its TPF must equal the reference's too (a server may stop decoding at a stop string; the reference decodes on and
+cuts the text, as every lm-eval model does). NFE per token is shown, not compared: each stack splits or fuses its
+prefill and commit forwards its own way (conformance/README.md).
 
     $(python3 tools/envs.py --path core) -m conformance.evaluation MODEL_DIR OUT.json [--stacks vllm,sglang] [--limit 8]
 

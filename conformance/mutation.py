@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                                   cwd=envs.ROOT, capture_output=True, text=True, timeout=STEP_TIMEOUT)
         named = f"[{stack}]" in compared.stdout
         print(f"conformance: mutation {mutation} of {stack} on {MODEL}: compare exit {compared.returncode}, "
-              f"{'names' if named else 'does not name'} {stack}: {'caught' if compared.returncode and named else 'MISSED'}")
+              f"{'names' if named else 'does not name'} {stack}: "
+              f"{'caught' if compared.returncode and named else 'MISSED'}")
         caught &= compared.returncode != 0 and named
     return 0 if caught else 1
 

@@ -14,7 +14,8 @@ ENV = {"vllm": {"VLLM_CPU_KVCACHE_SPACE": "2"}, "sglang": {"SGLANG_USE_CPU_ENGIN
 def vllm_command(model: Path, port: int, block_diffusion: bool, context_length: int = 512) -> list[str]:
     # no prefix caching for AR either: the plugin runs without it, and the repeats send the same prompts
     args = ["--model", str(model), "--served-model-name", "m", "--dtype", "float32", "--enforce-eager",
-            "--max-model-len", str(context_length), "--host", "127.0.0.1", "--port", str(port), "--no-enable-prefix-caching"]
+            "--max-model-len", str(context_length), "--host", "127.0.0.1", "--port", str(port),
+            "--no-enable-prefix-caching"]
     if block_diffusion:
         return [str(envs.venv_python("vllm").with_name("blockdiff-vllm-serve")), *args]
     # plain vLLM: its own API server entry (`vllm serve` fails in the vllm-cpu build, see docs/environments.md)

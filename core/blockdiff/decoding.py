@@ -141,7 +141,8 @@ class BlockState:
         if not prompt:
             raise ValueError("prompt is empty: block diffusion needs at least one prompt token")
         if mask_token_id in prompt:
-            raise ValueError(f"prompt contains the mask token id {mask_token_id} at position {prompt.index(mask_token_id)}")
+            raise ValueError(f"prompt contains the mask token id {mask_token_id} at position "
+                             f"{prompt.index(mask_token_id)}")
         self.params, self.mask_id, self.eos = params, mask_token_id, set(eos_token_ids)
         self.prompt_len = len(prompt)
         b = params.block_size

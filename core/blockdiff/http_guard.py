@@ -6,8 +6,8 @@ Before the stack reads or parses a request it refuses, without touching the engi
 - a body that is not a JSON object (invalid JSON, an array, a string, nesting too deep): 400;
 - whatever the plugin's `check` finds wrong with the object's fields: 400 naming the field.
 Everything else reaches the app untouched, its body replayed as received; an error the app answers (4xx, 5xx) leaves
-without the server's file paths and stack frames that some stacks put in their messages. Multipart and form bodies (file uploads)
-are only size-checked. Pure ASGI: no stack import.
+without the server's file paths and stack frames that some stacks put in their messages. Multipart and form bodies (file
+uploads) are only size-checked. Pure ASGI: no stack import.
 """
 
 from __future__ import annotations

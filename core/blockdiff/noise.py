@@ -34,7 +34,8 @@ def elbo_weight(t: Tensor) -> Tensor:
 
 
 def per_token_t(t: Tensor, length: int, block_size: int | None = None) -> Tensor:
-    """Expand t to one value per token. t is [batch] (one ratio per sequence) or [batch, L / block_size] (one per block)."""
+    """Expand t to one value per token. t is [batch] (one ratio per sequence) or [batch, L / block_size] (one per
+    block)."""
     if t.dim() == 1:
         return t[:, None].expand(-1, length)
     if block_size is None or t.shape[1] * block_size != length:

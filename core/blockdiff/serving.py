@@ -57,4 +57,5 @@ def tokens_per_forward(output_tokens: int, denoise_forwards: int) -> float:
 
 def accounting(output_tokens: int, denoise_forwards: int, nfe: int) -> dict[str, int | float]:
     """A finished request's accounting as every server reports it under ACCOUNTING_KEY."""
-    return {"denoise_forwards": denoise_forwards, "nfe": nfe, "tpf": tokens_per_forward(output_tokens, denoise_forwards)}
+    return {"denoise_forwards": denoise_forwards, "nfe": nfe,
+            "tpf": tokens_per_forward(output_tokens, denoise_forwards)}

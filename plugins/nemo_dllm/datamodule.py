@@ -1,10 +1,10 @@
 """The recipes' data as NeMo data modules: map-style datasets whose sample i is a pure function of (seed, i), batched
 by NeMo's Megatron sampler, which gives each data-parallel rank its micro-batches of every global batch.
 
-Because a sample and its noise depend only on their index, a run resumed at global step k (the checkpoint keeps the
-k * global_batch_size samples consumed, and NeMo's sampler starts after them) replays the uninterrupted run, and a data-parallel layout changes
-only which rank computes which micro-batch, not what any micro-batch holds: DP = 2 trains on exactly the micro-batches
-one process does with two micro-batches per step.
+Because a sample and its noise depend only on their index, a run resumed at global step k (the checkpoint keeps the k *
+global_batch_size samples consumed, and NeMo's sampler starts after them) replays the uninterrupted run, and a
+data-parallel layout changes only which rank computes which micro-batch, not what any micro-batch holds: DP = 2 trains
+on exactly the micro-batches one process does with two micro-batches per step.
 """
 
 from __future__ import annotations

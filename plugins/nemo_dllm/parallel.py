@@ -89,10 +89,10 @@ def context_parallel_shares(work: Tensor, cp_size: int) -> list[Tensor]:
     """Which positions of the sequence each context-parallel rank runs, given each position's attention work (the
     keys its query may see, summed over the batch): positions dealt out heaviest first in zig-zag order (ranks 0, 1,
     ..., cp-1, then cp-1, ..., 0, and so on), so every rank gets as many positions and nearly the same work. Where the
-    work grows with the position (one document, causal or block-causal) this is Megatron's zig-zag split (2 x cp
-    chunks, rank r taking chunks r and 2cp-1-r) token by token; on packed documents, whose work restarts with each
-    document, the chunk split is far off balance and this deal is not (`benchmarks/context_parallel_balance.py`). Each share comes back in
-    sequence order. Raises naming the length when it does not split."""
+    work grows with the position (one document, causal or block-causal) this is Megatron's zig-zag split (2 x cp chunks,
+    rank r taking chunks r and 2cp-1-r) token by token; on packed documents, whose work restarts with each document, the
+    chunk split is far off balance and this deal is not (`benchmarks/context_parallel_balance.py`). Each share comes
+    back in sequence order. Raises naming the length when it does not split."""
     length = work.shape[0]
     if length % cp_size:
         raise ValueError(f"a sequence of {length} tokens does not split evenly over context_parallel = {cp_size} ranks "

@@ -155,17 +155,19 @@ def test_prompt_tail_is_kept_and_not_part_of_the_output(model):
     assert len(r.tokens) == 3 and r.denoise_forwards == 1
 
 
-@pytest.mark.parametrize("prompt,match", [([], "prompt is empty"), ([1, MASK, 2], f"mask token id {MASK} at position 1")])
+@pytest.mark.parametrize("prompt,match", [([], "prompt is empty"),
+                                          ([1, MASK, 2], f"mask token id {MASK} at position 1")])
 def test_bad_prompts_are_rejected(prompt, match):
     with pytest.raises(ValueError, match=match):
         BlockState(prompt, DecodeParams(4), MASK, NO_EOS)
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(max_tokens=0), "max_tokens must be >= 1, got 0"),
-                                          (dict(max_tokens=4, block_size=0), "block_size"),
-                                          (dict(max_tokens=4, threshold=1.5), "threshold must be in \\[0, 1\\], got 1.5"),
-                                          (dict(max_tokens=4, fallback_k=0), "fallback_k"),
-                                          (dict(max_tokens=4, temperature=-1.0), "temperature")])
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_tokens=0), "max_tokens must be >= 1, got 0"),
+    (dict(max_tokens=4, block_size=0), "block_size"),
+    (dict(max_tokens=4, threshold=1.5), "threshold must be in \\[0, 1\\], got 1.5"),
+    (dict(max_tokens=4, fallback_k=0), "fallback_k"),
+    (dict(max_tokens=4, temperature=-1.0), "temperature")])
 def test_bad_params_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DecodeParams(**kwargs)
@@ -192,7 +194,8 @@ def uncached_greedy(model, prompt: list[int], max_tokens: int, eos: tuple[int, .
     ids = list(prompt)
     while len(ids) - len(prompt) < max_tokens and (len(ids) == len(prompt) or ids[-1] not in eos):
         n = len(ids)
-        ids.append(int(model(torch.tensor([ids]), torch.arange(n)[None], block_causal_mask(n, 1)[None])[0, -1].argmax()))
+        logits = model(torch.tensor([ids]), torch.arange(n)[None], block_causal_mask(n, 1)[None])
+        ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt):]
 
 

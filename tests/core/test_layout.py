@@ -41,7 +41,8 @@ def imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *filter(None, [base])])
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, *filter(None, [base])])
             named = {f"{base}.{alias.name}" for alias in node.names}
             modules = {name for name in named if is_module(name)}  # `from package import module` needs the module
             found |= modules | ({base} if named - modules else set())
@@ -76,7 +77,8 @@ def test_no_adapter_imports_another_or_the_demo(adapter):
 
 
 def test_conformance_and_benchmarks_take_nothing_from_tests():
-    wrong = {module_name(p): top_levels(p) & TESTS_MODULES for p in python_files("conformance", "benchmarks", "drivers")}
+    wrong = {module_name(p): top_levels(p) & TESTS_MODULES
+             for p in python_files("conformance", "benchmarks", "drivers")}
     assert not {m: names for m, names in wrong.items() if names}
 
 

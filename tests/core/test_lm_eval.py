@@ -33,7 +33,8 @@ def evaluate(model_args: dict, tasks: list[str], limit: int = 3) -> dict:
 
 def test_lm_eval_outputs_and_cost_are_the_reference_decoders(tiny):
     path, model = tiny
-    results = evaluate({"pretrained": str(path), "threshold": 0.5}, ["blockdiff_expressions", "blockdiff_word_problems"])
+    results = evaluate({"pretrained": str(path), "threshold": 0.5},
+                       ["blockdiff_expressions", "blockdiff_word_problems"])
     tok = AutoTokenizer.from_pretrained(path)
     decoder = ReferenceDecoder(model, 1, (0,))
     for task, max_tokens, stops in (("blockdiff_expressions", 48, []), ("blockdiff_word_problems", 64,

@@ -77,7 +77,8 @@ def test_a_vocabulary_is_padded_to_split_and_the_padding_never_leaves_megatron(v
     multiple of 128, and a padded logit in the softmax would change every loss.)"""
     cfg = tiny_dense_config(vocab_size=vocab, hidden_size=8, num_hidden_layers=1, num_attention_heads=6,
                             num_key_value_heads=3, head_dim=4, intermediate_size=12)
-    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=True)  # as SmolLM2: no QK-norm, tied
+    # as SmolLM2: no QK-norm, tied embeddings
+    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=True)
     hf = {name: torch.randn(shape) for name, shape in {
         "model.embed_tokens.weight": (vocab, 8), "model.norm.weight": (8,),
         "model.layers.0.self_attn.q_proj.weight": (24, 8), "model.layers.0.self_attn.k_proj.weight": (12, 8),

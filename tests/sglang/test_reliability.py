@@ -226,7 +226,8 @@ def sglang_bodies(vocab: int) -> st.SearchStrategy:
 
 def test_fuzzed_bodies_get_a_2xx_or_a_4xx_never_a_5xx(server, figures):
     figures.update(server_checks.fuzzed_bodies_are_answered(
-        server["url"], sglang_bodies(server["vocab"]), lambda: generate(server, FIXED), lambda: wait_until_idle(server)))
+        server["url"], sglang_bodies(server["vocab"]), lambda: generate(server, FIXED),
+        lambda: wait_until_idle(server)))
 
 
 def test_after_all_of_it_the_server_is_idle_and_serving(server, figures):

@@ -40,7 +40,8 @@ def tiny_ar_model(tmp_path_factory):
 
 @pytest.mark.slow
 def test_vllm_greedy_decoding_matches_the_core_model(tiny_ar_model):
-    """vLLM's own Qwen3 on CPU and the core's reference implementation agree on greedy AR tokens for the same weights."""
+    """vLLM's own Qwen3 on CPU and the core's reference implementation agree on greedy AR tokens for the same
+    weights."""
     path, model = tiny_ar_model
     prompt = [5, 17, 42, 99, 3, 8]
     expected = greedy_ar(model, prompt, 12)

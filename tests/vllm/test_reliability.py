@@ -32,8 +32,10 @@ def server(tmp_path_factory):
     make_served_model(path, "dense")
     port = free_port()
     cmd = [str(Path(sys.executable).with_name("blockdiff-vllm-serve")), str(path), "--served-model-name", "tiny",
-           "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--block-size", "32", "--num-gpu-blocks-override",
-           str(KV_PAGES), "--enable-scale-out", "--host", "127.0.0.1", "--port", str(port)]  # scale-out: /inference/v1/generate
+           "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--block-size", "32",
+           "--num-gpu-blocks-override", str(KV_PAGES),
+           "--enable-scale-out",  # scale-out: /inference/v1/generate
+           "--host", "127.0.0.1", "--port", str(port)]
     # oneDNN keeps a compiled kernel per GEMM shape (up to 1024, bounded): off, so RSS shows what requests hold
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"} | server_checks.FAULT_ENV
     # no keep-alive: a connection the server closes as idle just as the client reuses it is a client-side race
@@ -181,7 +183,8 @@ def test_a_failure_inside_the_engine_is_that_requests_error(server):
               "vllm_xargs": {"threshold": server_checks.FAULT_THRESHOLD}}
     others = [FIXED, {"prompt": [9, 8, 7, 6], "threshold": 0.7, "max_tokens": 64}]
     (status, payload), (stream_status, events) = server_checks.failure_is_that_requests_error(
-        server["url"], "/v1/completions", faulty, others, lambda r: complete(server, r), lambda: wait_until_idle(server))
+        server["url"], "/v1/completions", faulty, others, lambda r: complete(server, r),
+        lambda: wait_until_idle(server))
     assert status == 500 and b"error" in payload.lower(), payload[:500]
     assert stream_status == 200 and b'"error"' in events, events[-500:]
 

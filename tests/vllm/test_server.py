@@ -25,7 +25,8 @@ def server(tmp_path_factory):
     model = make_tiny_blockdiff_model(path, "dense")
     port = free_port()
     cmd = [str(Path(sys.executable).with_name("blockdiff-vllm-serve")), str(path), "--served-model-name", "tiny",
-           "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port)]
+           "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--host", "127.0.0.1",
+           "--port", str(port)]
     with running_server(cmd, port, path / "server.log", {"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         yield {"url": url, "client": client, "model": model, "path": path,

@@ -18,5 +18,5 @@ from blockdiff.models.qwen3 import DenseConfig, DenseDecoder
 from blockdiff.serving import BlockDiffusionSettings
 
 __all__ = ["ARCHITECTURES", "BlockDiffusionSettings", "DenseConfig", "DenseDecoder", "LLaDA2MoeConfig",
-           "LLaDA2MoeDecoder", "build_model", "config_eos_ids", "init_weights", "load_model", "read_config", "save_model", "save_weights",
-           "tiny_dense_config", "tiny_llada2_config", "with_block_diffusion"]
+           "LLaDA2MoeDecoder", "build_model", "config_eos_ids", "init_weights", "load_model", "read_config",
+           "save_model", "save_weights", "tiny_dense_config", "tiny_llada2_config", "with_block_diffusion"]
