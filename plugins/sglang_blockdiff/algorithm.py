@@ -123,7 +123,7 @@ class BlockDiff(DllmAlgorithm):
             logger.exception("validating request %s failed", req.rid)
             return f"the request could not be validated for block diffusion: {type(e).__name__}: {e}"
 
-    def run(self, model_runner, forward_batch, algo_states=None):
+    def run(self, model_runner, forward_batch, algo_states: list | None = None) -> tuple:
         """SGLang's FDFO step, its forwards repeated until a block is done (`denoise_loop`); otherwise SGLang's."""
         self.forward_in_step = 0
         if not (self.fdfo and self.denoise_loop):
