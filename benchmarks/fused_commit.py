@@ -100,10 +100,9 @@ def sglang_generate(url: str, prompt: list[int], max_tokens: int) -> SimpleNames
 
 
 def sglang_rows(path: Path, prompts: list[list[int]], score: Callable[[list], float]) -> list[dict]:
-    from drivers.stack_servers import ENV, sglang_command
+    from drivers.stack_servers import ENV, dllm_algorithm_flags, sglang_command
 
     logs = RESULTS / "serving_logs"
-    logs.mkdir(parents=True, exist_ok=True)
     rows = []
     for block in BLOCK_SIZES:
         budgets = [block_aligned_budget(len(p), MAX_ANSWER_TOKENS, block) for p in prompts]
@@ -111,9 +110,9 @@ def sglang_rows(path: Path, prompts: list[list[int]], score: Callable[[list], fl
             urls = {}
             for fused in (True, False):
                 config = logs / f"sglang-fused-commit-{str(fused).lower()}-b{block}.yaml"
-                config.write_text(f"block_size: {block}\nfuse_commit: {str(fused).lower()}\n")
                 port = free_port()
-                command = [*sglang_command(path, port, True), "--dllm-algorithm-config", str(config)]
+                command = [*sglang_command(path, port, True),
+                           *dllm_algorithm_flags(config, block_size=block, fuse_commit=fused)]
                 urls[fused] = servers.enter_context(running_server(command, port, config.with_suffix(".log"),
                                                                    ENV["sglang"], timeout=600))
                 sglang_generate(urls[fused], prompts[0], budgets[0])  # warm-up

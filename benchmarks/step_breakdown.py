@@ -49,7 +49,7 @@ from pathlib import Path
 from benchmarks.serving_throughput import CONCURRENCY, REPEATS, REQUESTS, RESULTS, STACKS, THRESHOLD, exact_match, timed
 from blockdiff_demo.evaluate import MAX_ANSWER_TOKENS, block_aligned_budget
 from drivers.servers import free_port, group_pids, running_server
-from drivers.stack_servers import sglang_command, vllm_command
+from drivers.stack_servers import dllm_algorithm_flags, sglang_command, vllm_command
 from vllm_blockdiff.engine import DENOISE_LOOP_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,9 +96,7 @@ def sglang_sync_command(model: Path, port: int, block_diffusion: bool) -> list[s
 
 def sglang_step_command(model: Path, port: int, block_diffusion: bool) -> list[str]:
     config = RESULTS / "serving_logs" / "sglang-step.yaml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text("denoise_loop: false\n")
-    return [*sglang_command(model, port, block_diffusion), "--dllm-algorithm-config", str(config)]
+    return [*sglang_command(model, port, block_diffusion), *dllm_algorithm_flags(config, denoise_loop=False)]
 
 
 SERVERS = {**STACKS, "vllm-uni": (vllm_uni_command, *STACKS["vllm"][1:]),

@@ -4,6 +4,7 @@ its own AR path, each in the venv tools/envs.py builds for it, with the environm
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tools import envs
@@ -33,6 +34,15 @@ def sglang_command(model: Path, port: int, block_diffusion: bool, context_length
         flags += ["--dllm-algorithm", "BlockDiff"]
     return [str(envs.venv_python("sglang")), "-m", "sglang.launch_server", "--model-path", str(model), "--port",
             str(port), *flags, *CPU_FLAGS]
+
+
+
+def dllm_algorithm_flags(config: Path, **settings: bool | int | float) -> list[str]:
+    """SGLang's `--dllm-algorithm-config` carrying the plugin's `settings` (block_size, threshold, fuse_commit,
+    denoise_loop), written as YAML to `config` (JSON scalars are YAML)."""
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in settings.items()))
+    return ["--dllm-algorithm-config", str(config)]
 
 
 COMMANDS = {"vllm": vllm_command, "sglang": sglang_command}
