@@ -221,34 +221,50 @@ def attend_from_extend_tokens_only(original, backend, query, output, k_cache, v_
                                    seq_lens, extend_prefix_lens, extend_seq_lens, encoder_lens=None, scaling=None,
                                    enable_gqa=False, causal=False, is_cross_attn=False, sliding_window_size=None):
     """`TorchNativeAttnBackend._run_sdpa_forward_extend` (SGLang's attention on CPU): a bidirectional extend (a
-    block-diffusion block over its cached prefix) attends from the extended tokens only. SGLang 0.5.23 runs every
-    sequence's attention from all its positions, prefix included, and throws the prefix rows away: a 32-token block
-    after a 500-token context costs 16 times the attention it needs. Without a mask every output row is the same
-    softmax over the same keys either way. On a block-diffusion server (`extend_block_size` set on the backend by the
-    algorithm) an extend of several blocks is block-causal: each block attends to the prefix, the blocks before it
-    and itself (the fused commit forward's rows). Causal, cross-attention, sliding-window and encoder extends are
-    SGLang's."""
+    block-diffusion block over its cached prefix) attends from the extended tokens only, the whole batch in one
+    attention call. SGLang 0.5.23 runs every sequence's attention from all its positions, prefix included, and throws
+    the prefix rows away (a 32-token block after a 500-token context costs 16 times the attention it needs), one
+    sequence at a time in Python, which at 16 requests costs more than the attention itself. Without a mask every
+    output row is the same softmax over the same keys either way. On a block-diffusion server (`extend_block_size` set
+    on the backend by the algorithm) an extend of several blocks is block-causal: each block attends to the prefix,
+    the blocks before it and itself (the fused commit forward's rows). Causal, cross-attention, sliding-window and
+    encoder extends are SGLang's."""
     if causal or is_cross_attn or encoder_lens is not None or (sliding_window_size or -1) > -1:
         return original(backend, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                         extend_prefix_lens, extend_seq_lens, encoder_lens, scaling=scaling, enable_gqa=enable_gqa,
                         causal=causal, is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
-    from torch.nn.functional import scaled_dot_product_attention
+    import torch
 
-    heads_first = query.transpose(0, 1)  # [heads, tokens, head_size]
+    q_lens, kv_lens = extend_seq_lens.tolist(), seq_lens.tolist()
+    if not q_lens or max(q_lens) == 0:
+        return output
+    rows, q_max, kv_max = len(q_lens), max(q_lens), max(kv_lens)
     block = getattr(backend, "extend_block_size", None)
-    start = 0
-    for pool_index, kv_len, q_len in zip(req_pool_indices.tolist(), seq_lens.tolist(), extend_seq_lens.tolist()):
-        slots = req_to_token[pool_index, :kv_len]
-        # index_select and transpose: the same values as indexing and movedim, in cheaper operator calls
-        key, value = k_cache.index_select(0, slots).transpose(0, 1), v_cache.index_select(0, slots).transpose(0, 1)
-        if key.dtype != query.dtype:  # as SGLang: sdpa wants one dtype
-            key, value = key.to(query.dtype), value.to(query.dtype)
-        prefix_len, step = kv_len - q_len, block or max(q_len, 1)
-        for lo in range(0, q_len, step):
-            hi = min(lo + step, q_len)
-            attended = scaled_dot_product_attention(heads_first[None, :, start + lo:start + hi],
-                                                    key[None, :, :prefix_len + hi], value[None, :, :prefix_len + hi],
-                                                    scale=scaling, enable_gqa=enable_gqa)
-            output[start + lo:start + hi] = attended[0].transpose(0, 1)
-        start += q_len
+    # Each sequence's keys and values padded to the longest: past a sequence's length its req_to_token row holds
+    # slot 0 or an earlier request's slots, valid indices whose keys the mask below hides.
+    slots = req_to_token[req_pool_indices, :kv_max].reshape(-1)
+    key = k_cache.index_select(0, slots).view(rows, kv_max, *k_cache.shape[1:]).transpose(1, 2)
+    value = v_cache.index_select(0, slots).view(rows, kv_max, *v_cache.shape[1:]).transpose(1, 2)
+    if key.dtype != query.dtype:  # as SGLang: sdpa wants one dtype
+        key, value = key.to(query.dtype), value.to(query.dtype)
+    padded = min(q_lens) < q_max
+    if padded:  # queries padded to the longest extend; the padding rows are computed and dropped
+        real = torch.arange(q_max, device=query.device) < extend_seq_lens[:, None]
+        queries = query.new_zeros(rows, q_max, *query.shape[1:])
+        queries[real] = query
+    else:
+        queries = query.reshape(rows, q_max, *query.shape[1:])
+    mask = None
+    if min(kv_lens) < kv_max or (block is not None and q_max > block):
+        # query i of a sequence sees its prefix and its extend up to the end of i's block (all of it without blocks)
+        ends = torch.arange(q_max, device=query.device)[None, :]
+        ends = ((ends // block + 1) * block).minimum(extend_seq_lens[:, None]) if block else extend_seq_lens[:, None]
+        ends = (seq_lens - extend_seq_lens)[:, None] + ends
+        mask = (torch.arange(kv_max, device=query.device)[None, None, :] < ends[:, :, None])[:, None]
+    attended = torch.nn.functional.scaled_dot_product_attention(queries.transpose(1, 2), key, value, attn_mask=mask,
+                                                                scale=scaling, enable_gqa=enable_gqa).transpose(1, 2)
+    if padded:
+        output.copy_(attended[real])
+    else:
+        output.view(attended.shape).copy_(attended)
     return output

@@ -117,3 +117,30 @@ def test_on_a_block_diffusion_server_an_extend_of_two_blocks_is_block_causal():
     want = torch.nn.functional.scaled_dot_product_attention(query.movedim(0, 1), k_cache.movedim(0, 1),
                                                             v_cache.movedim(0, 1), attn_mask=sees, scale=0.5)
     torch.testing.assert_close(got, want.movedim(1, 0), rtol=1e-6, atol=1e-6)
+
+
+def test_a_batch_of_one_and_two_block_extends_is_one_attention_with_each_rows_own_keys():
+    """A step at concurrency: one request's fused commit forward (its finished block and the next) beside requests
+    extending one block, over prefixes of different lengths; each row gets what attending alone gives it."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    torch.manual_seed(0)
+    block = 4
+    prefix_lens, q_lens = torch.tensor([3, 8, 0]), torch.tensor([block, 2 * block, block])
+    seq_lens = prefix_lens + q_lens
+    req_to_token = torch.randperm(60).view(3, 20)
+    k_cache, v_cache = torch.randn(60, 2, 8), torch.randn(60, 2, 8)
+    query = torch.randn(int(q_lens.sum()), 6, 8)
+    backend = object.__new__(TorchNativeAttnBackend)
+    backend.extend_block_size = block
+    got = attend_from_extend_tokens_only(None, backend, query, torch.full_like(query, float("nan")), k_cache, v_cache,
+                                         req_to_token, torch.arange(3), seq_lens, prefix_lens, q_lens, scaling=0.5,
+                                         enable_gqa=True)
+    want = []
+    for row, (queries, prefix) in enumerate(zip(query.split(q_lens.tolist()), prefix_lens.tolist())):
+        slots = req_to_token[row, :prefix + len(queries)]
+        sees = torch.arange(len(slots))[None, :] < prefix + block * (torch.arange(len(queries))[:, None] // block + 1)
+        want.append(torch.nn.functional.scaled_dot_product_attention(
+            queries.movedim(0, 1), k_cache[slots].movedim(0, 1), v_cache[slots].movedim(0, 1), attn_mask=sees,
+            scale=0.5, enable_gqa=True).movedim(1, 0))
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-6, atol=1e-6)
