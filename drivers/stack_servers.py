@@ -36,7 +36,6 @@ def sglang_command(model: Path, port: int, block_diffusion: bool, context_length
             str(port), *flags, *CPU_FLAGS]
 
 
-
 def dllm_algorithm_flags(config: Path, **settings: bool | int | float) -> list[str]:
     """SGLang's `--dllm-algorithm-config` carrying the plugin's `settings` (block_size, threshold, fuse_commit,
     denoise_loop), written as YAML to `config` (JSON scalars are YAML)."""

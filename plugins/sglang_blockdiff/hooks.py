@@ -224,11 +224,10 @@ def attend_from_extend_tokens_only(original, backend, query, output, k_cache, v_
     block-diffusion block over its cached prefix) attends from the extended tokens only, the whole batch in one
     attention call. SGLang 0.5.23 runs every sequence's attention from all its positions, prefix included, and throws
     the prefix rows away (a 32-token block after a 500-token context costs 16 times the attention it needs), one
-    sequence at a time in Python, which at 16 requests costs more than the attention itself. Without a mask every
-    output row is the same softmax over the same keys either way. On a block-diffusion server (`extend_block_size` set
-    on the backend by the algorithm) an extend of several blocks is block-causal: each block attends to the prefix,
-    the blocks before it and itself (the fused commit forward's rows). Causal, cross-attention, sliding-window and
-    encoder extends are SGLang's."""
+    sequence at a time in Python. Without a mask every output row is the same softmax over the same keys either way.
+    On a block-diffusion server (`extend_block_size` set on the backend by the algorithm) an extend of several blocks
+    is block-causal: each block attends to the prefix, the blocks before it and itself (the fused commit forward's
+    rows). Causal, cross-attention, sliding-window and encoder extends are SGLang's."""
     if causal or is_cross_attn or encoder_lens is not None or (sliding_window_size or -1) > -1:
         return original(backend, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                         extend_prefix_lens, extend_seq_lens, encoder_lens, scaling=scaling, enable_gqa=enable_gqa,
@@ -241,7 +240,7 @@ def attend_from_extend_tokens_only(original, backend, query, output, k_cache, v_
     rows, q_max, kv_max = len(q_lens), max(q_lens), max(kv_lens)
     block = getattr(backend, "extend_block_size", None)
     # Each sequence's keys and values padded to the longest: past a sequence's length its req_to_token row holds
-    # slot 0 or an earlier request's slots, valid indices whose keys the mask below hides.
+    # slot 0 (SGLang's pool starts zeroed) or an earlier request's slots, valid indices whose keys the mask hides.
     slots = req_to_token[req_pool_indices, :kv_max].reshape(-1)
     key = k_cache.index_select(0, slots).view(rows, kv_max, *k_cache.shape[1:]).transpose(1, 2)
     value = v_cache.index_select(0, slots).view(rows, kv_max, *v_cache.shape[1:]).transpose(1, 2)
