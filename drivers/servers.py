@@ -25,6 +25,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+HEALTH_PROBE_TIMEOUT = 60  # seconds; the overall `timeout` still bounds the wait
+
+
 @contextlib.contextmanager
 def running_server(cmd: list[str], port: int, log_path: Path, env: dict[str, str] | None = None,
                    timeout: float = 300) -> Iterator[str]:
@@ -42,7 +45,10 @@ def running_server(cmd: list[str], port: int, log_path: Path, env: dict[str, str
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd[0]} exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
             try:
-                urllib.request.urlopen(url + "/health", timeout=2)
+                # SGLang answers /health by generating one token (SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION), which on a
+                # block-diffusion server denoises a whole block: its log had one every 3 s for SmolLM2-135M on this
+                # CPU (2026-12-07 evening), and a probe that gave up after 2 s never saw the server up
+                urllib.request.urlopen(url + "/health", timeout=HEALTH_PROBE_TIMEOUT)
                 break
             except OSError:
                 if time.time() > deadline:
